@@ -1,0 +1,35 @@
+"""tokencache: token-wise feature caching for diffusion transformers.
+
+    import tokencache as tc
+    handle = tc.apply(pipe, tc.ToCaConfig.preset("dit-ddim50"))
+    image = pipe(class_labels=[207], num_inference_steps=50).images[0]
+    print(handle.stats())
+    handle.remove()
+"""
+
+from . import presets as _presets  # noqa: F401  (registers the official settings)
+from .config import DepthRamp, FORAConfig, StepRamp, ToCaConfig
+from .handle import CacheHandle, CacheStats, apply
+from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
+from .plan import Plan, plan
+from .presets import preset, presets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockLayout",
+    "CacheHandle",
+    "CacheStats",
+    "DepthRamp",
+    "FORAConfig",
+    "ModuleSlot",
+    "Plan",
+    "StepRamp",
+    "ToCaConfig",
+    "apply",
+    "plan",
+    "preset",
+    "presets",
+    "register_layout",
+    "supported_block_classes",
+]

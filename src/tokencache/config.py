@@ -1,0 +1,245 @@
+"""Typed, validated configurations for the caching methods.
+
+Every field is checked when the config is built; a bad value raises ``ValueError`` naming the field
+and what is allowed, before any model work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from .layouts import MODULE_KINDS
+
+ScoreName = Literal["attention", "cross_attention_entropy", "value_norm", "similarity", "random"]
+SCORES: tuple[str, ...] = ("attention", "cross_attention_entropy", "value_norm", "similarity", "random")
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fail(cls: type, name: str, allowed: str, value: Any) -> ValueError:
+    return ValueError(f"{cls.__name__}.{name} must be {allowed}; got {value!r}")
+
+
+def check_number(cls: type, name: str, value: Any, lo: float | None = None, hi: float | None = None,
+                 integer: bool = False, lo_open: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite (integer) number in the given range."""
+    kinds = (int,) if integer else (int, float)
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        bounds.append(f"<= {hi}")
+    allowed = ("an integer" if integer else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise _fail(cls, name, allowed, value)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise _fail(cls, name, allowed, value)
+    if hi is not None and value > hi:
+        raise _fail(cls, name, allowed, value)
+
+
+def check_cache_dtype(cls: type, value: Any) -> None:
+    if value is not None and value not in CACHE_DTYPES:
+        raise _fail(cls, "cache_dtype", "None (the model's dtype) or one of torch.float32, torch.float16, "
+                    "torch.bfloat16", value)
+
+
+@dataclass(frozen=True)
+class StepRamp:
+    """A linear function of sampling progress: ``start + slope * (i + offset) / T`` at step ``i`` of ``T``."""
+
+    start: float = 1.0
+    """Value at progress 0."""
+    slope: float = 0.0
+    """Change over the whole run."""
+    offset: int = 0
+    """Added to the step index before dividing by ``T`` (the official DiT schedules use ``i + 1``)."""
+
+    def __post_init__(self) -> None:
+        check_number(StepRamp, "start", self.start)
+        check_number(StepRamp, "slope", self.slope)
+        check_number(StepRamp, "offset", self.offset, 0, 1, integer=True)
+
+    def __call__(self, step: int, num_steps: int) -> float:
+        return self.start + self.slope * (step + self.offset) / num_steps
+
+
+@dataclass(frozen=True)
+class DepthRamp:
+    """A linear function of depth: ``start + slope * l / (L - 1)`` for block ``l`` of ``L``."""
+
+    start: float = 1.0
+    """Value at the first block."""
+    slope: float = 0.0
+    """Change from the first block to the last."""
+
+    def __post_init__(self) -> None:
+        check_number(DepthRamp, "start", self.start)
+        check_number(DepthRamp, "slope", self.slope)
+
+    def __call__(self, block: int, num_blocks: int) -> float:
+        return self.start + self.slope * (block / (num_blocks - 1) if num_blocks > 1 else 0.0)
+
+
+class PresetMixin:
+    """``Config.preset(name)`` and the listing behind ``tc.presets()``."""
+
+    _PRESETS: ClassVar[dict[str, tuple[str, dict[str, Any]]]]
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        """The official settings registered under ``name``; keyword arguments override fields."""
+        if name not in cls._PRESETS:
+            raise ValueError(f"{cls.__name__}.preset name must be one of {sorted(cls._PRESETS)}; got {name!r}")
+        _, values = cls._PRESETS[name]
+        return cls(**{**values, **overrides})
+
+
+@dataclass(frozen=True)
+class ToCaConfig(PresetMixin):
+    """ToCa: training-free token-wise caching (ICLR 2025).
+
+    On a full step every module runs on every token and refreshes its cache. On a partial step each
+    module recomputes the ``k = floor(r * n)`` tokens with the highest score and takes the rest from the
+    cache, where ``r = fresh_ratio * step_ratio(i) * depth_ratio(l) * module_ratio[kind]`` clamped to [0, 1].
+    """
+
+    fresh_ratio: float = 0.1
+    """Base fraction of tokens recomputed on partial steps (R0), in [0, 1]."""
+    step_ratio: StepRamp = field(default_factory=StepRamp)
+    """Factor over sampling progress, S(i)."""
+    depth_ratio: DepthRamp = field(default_factory=DepthRamp)
+    """Factor over block depth, Λ(l)."""
+    module_ratio: Mapping[str, float] = field(default_factory=lambda: {"cross_attn": 1.0, "mlp": 1.0})
+    """Factor per module type, M(m). A type with factor 0 (or absent) is never partial: it is reused whole
+    on non-full steps. Keys: ``self_attn``, ``cross_attn``, ``mlp``."""
+    full_step_interval: int = 3
+    """Base interval N between full steps."""
+    interval_ramp: StepRamp = field(default_factory=StepRamp)
+    """Divides N over progress: the interval at step i is ``round(N / interval_ramp(i))``; must stay > 0."""
+    sensitive_window: tuple[float, float] | None = None
+    """Progress range ``[a, b)`` (fractions of the run) that uses ``sensitive_interval`` instead."""
+    sensitive_interval: int = 2
+    """Full-step interval inside ``sensitive_window``."""
+    first_full_steps: int = 1
+    """Number of leading steps that are always full."""
+    score: ScoreName = "attention"
+    """Token importance: ``attention`` (attention received, from the last full step), ``cross_attention_entropy``,
+    ``value_norm``, ``similarity`` (change of the module input since the token was last computed), ``random``."""
+    frequency_weight: float = 0.25
+    """λ3: weight of ``partial steps since last recomputed / N`` added to the score."""
+    spatial_cell_size: int | None = None
+    """Side, in tokens, of the square cells of the spatial bonus; ``None`` turns it off."""
+    spatial_bonus: float = 0.0
+    """The best-scoring token of each cell has its score multiplied by ``1 + spatial_bonus``."""
+    cfg_shared_selection: bool = False
+    """When the batch is a classifier-free-guidance batch (two equal halves of input), select tokens once
+    from the averaged halves and use the selection for both (PixArt). False selects per sample (DiT)."""
+    cache_dtype: torch.dtype | None = None
+    """Storage dtype of the caches; ``None`` keeps the model's dtype."""
+    seed: int = 0
+    """Seed of the ``random`` score (re-seeded at every sampling run, so runs repeat)."""
+    score_chunk_size: int = 1024
+    """Queries per chunk when attention statistics are computed, bounding transient memory."""
+
+    _PRESETS: ClassVar[dict[str, tuple[str, dict[str, Any]]]] = {}
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        check_number(cls, "fresh_ratio", self.fresh_ratio, 0.0, 1.0)
+        for name, kind in (("step_ratio", StepRamp), ("depth_ratio", DepthRamp), ("interval_ramp", StepRamp)):
+            if not isinstance(getattr(self, name), kind):
+                raise _fail(cls, name, f"a {kind.__name__}", getattr(self, name))
+        if not isinstance(self.module_ratio, Mapping):
+            raise _fail(cls, "module_ratio", f"a mapping with keys from {MODULE_KINDS}", self.module_ratio)
+        for key, value in self.module_ratio.items():
+            if key not in MODULE_KINDS:
+                raise _fail(cls, "module_ratio", f"a mapping with keys from {MODULE_KINDS}", dict(self.module_ratio))
+            check_number(cls, f"module_ratio[{key!r}]", value, 0.0)
+        object.__setattr__(self, "module_ratio", MappingProxyType(dict(self.module_ratio)))
+        check_number(cls, "full_step_interval", self.full_step_interval, 1, integer=True)
+        if self.sensitive_window is not None:
+            window = self.sensitive_window
+            ok = isinstance(window, tuple) and len(window) == 2
+            if ok:
+                try:
+                    check_number(cls, "sensitive_window", window[0], 0.0, 1.0)
+                    check_number(cls, "sensitive_window", window[1], 0.0, 1.0)
+                except ValueError:
+                    ok = False
+            if not ok or window[0] >= window[1]:
+                raise _fail(cls, "sensitive_window", "None or a tuple (a, b) with 0 <= a < b <= 1", window)
+        check_number(cls, "sensitive_interval", self.sensitive_interval, 1, integer=True)
+        check_number(cls, "first_full_steps", self.first_full_steps, 1, integer=True)
+        if self.score not in SCORES:
+            raise _fail(cls, "score", f"one of {SCORES}", self.score)
+        check_number(cls, "frequency_weight", self.frequency_weight, 0.0)
+        if self.spatial_cell_size is not None:
+            check_number(cls, "spatial_cell_size", self.spatial_cell_size, 1, integer=True)
+        check_number(cls, "spatial_bonus", self.spatial_bonus, 0.0)
+        if not isinstance(self.cfg_shared_selection, bool):
+            raise _fail(cls, "cfg_shared_selection", "True or False", self.cfg_shared_selection)
+        check_cache_dtype(cls, self.cache_dtype)
+        check_number(cls, "seed", self.seed, 0, integer=True)
+        check_number(cls, "score_chunk_size", self.score_chunk_size, 1, integer=True)
+
+    @property
+    def partial_modules(self) -> tuple[str, ...]:
+        """Module types recomputed on fresh tokens at partial steps (the others are reused whole)."""
+        return tuple(k for k in MODULE_KINDS if self.module_ratio.get(k, 0.0) > 0)
+
+    def build_policy(self, num_steps: int, num_blocks: int):
+        from .schedule import ToCaPolicy
+
+        return ToCaPolicy(self, num_steps, num_blocks)
+
+    def build_selector(self):
+        from .selection import ToCaSelector
+
+        return ToCaSelector(self)
+
+
+@dataclass(frozen=True)
+class FORAConfig(PresetMixin):
+    """FORA: a full step every ``interval`` steps; in between every module output is reused whole."""
+
+    interval: int = 3
+    """Steps between full steps (1 = no caching)."""
+    cache_dtype: torch.dtype | None = None
+    """Storage dtype of the caches; ``None`` keeps the model's dtype."""
+
+    _PRESETS: ClassVar[dict[str, tuple[str, dict[str, Any]]]] = {}
+
+    def __post_init__(self) -> None:
+        check_number(type(self), "interval", self.interval, 1, integer=True)
+        check_cache_dtype(type(self), self.cache_dtype)
+
+    def build_policy(self, num_steps: int, num_blocks: int):
+        from .schedule import FORAPolicy
+
+        return FORAPolicy(self, num_steps, num_blocks)
+
+    def build_selector(self) -> None:
+        return None  # FORA recomputes no tokens on cached steps
+
+
+def config_summary(config: Any) -> dict[str, Any]:
+    """A JSON-friendly description of a config (for reports and result files)."""
+    out: dict[str, Any] = {"method": type(config).__name__.removesuffix("Config")}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        elif hasattr(value, "__dataclass_fields__"):
+            value = {g.name: getattr(value, g.name) for g in fields(value)}
+        elif isinstance(value, torch.nn.Module):
+            value = type(value).__name__
+        out[f.name] = value
+    return out

@@ -1,0 +1,225 @@
+"""The cache engine: one per handle, shared by the hooks on the transformer and on its block modules.
+
+The transformer hook calls :meth:`CacheEngine.begin_call` (which step, which stream, full or not); each
+module hook calls :meth:`CacheEngine.run_module`, which computes, recomputes fresh tokens, or reuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .flops import block_overhead_flops, slot_flops
+from .layouts import BlockEntry, ModuleSlot
+from .schedule import CachePolicy, fresh_tokens
+from .state import SlotKey, SlotState, StepContext, StepTracker, StreamState
+
+
+def token_table(policy: CachePolicy, blocks: list[BlockEntry], num_tokens: int) -> list[dict[SlotKey, int]]:
+    """Per step, the tokens each (block, module kind) computes: ``n`` on full steps, ``k`` otherwise."""
+    table = []
+    for step in range(policy.num_steps):
+        row: dict[SlotKey, int] = {}
+        for block in blocks:
+            for slot, _ in block.slots():
+                if policy.full_steps[step]:
+                    row[(block.index, slot.kind)] = num_tokens
+                else:
+                    row[(block.index, slot.kind)] = fresh_tokens(
+                        policy.fresh_ratio(step, block.index, slot.kind), num_tokens)
+        table.append(row)
+    return table
+
+
+@dataclass
+class RunRecord:
+    """Accumulated during a sampling run; turned into :class:`tokencache.CacheStats`."""
+
+    num_steps: int = 0
+    step_kinds: list[str] = field(default_factory=list)
+    tokens_computed: dict[str, int] = field(default_factory=dict)
+    tokens_total: dict[str, int] = field(default_factory=dict)
+    flops: int = 0
+    flops_full: int = 0
+    cfg_shared: bool = False
+    cache_bytes: int = 0
+    score_bytes: int = 0
+
+
+class CacheEngine:
+    def __init__(self, config: Any, transformer: nn.Module, blocks: list[BlockEntry], pipeline: Any | None,
+                 selector: Any | None) -> None:
+        self.config = config
+        self.transformer = transformer
+        self.blocks = blocks
+        self.selector = selector
+        self.tracker = StepTracker(pipeline)
+        self.cache_dtype: torch.dtype | None = getattr(config, "cache_dtype", None)
+        self.context: StepContext | None = None
+        self.streams: list[StreamState] = []
+        self.policy: CachePolicy | None = None
+        self.table: list[dict[SlotKey, int]] = []
+        self.record = RunRecord()
+        self.last_record: RunRecord | None = None
+        self._call_rows = 0
+        self._flop_memo: dict[tuple, int] = {}
+        patch = transformer.config.get("patch_size", 1) if hasattr(transformer, "config") else 1
+        self.patch_size = int(patch or 1)
+
+    # ---- runs -------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every cache and statistic (start of a sampling run)."""
+        self.streams = []
+        self.context = None
+        self.policy = None
+        self.table = []
+        self.record = RunRecord()
+        if self.selector is not None:
+            self.selector.reset(None)
+
+    def finish_run(self) -> None:
+        if self.policy is not None and self.record.num_steps:
+            self.record.cache_bytes = sum(s.cache_bytes() for s in self.streams)
+            self.record.score_bytes = sum(s.score_bytes() for s in self.streams)
+            self.last_record = self.record
+
+    # ---- transformer calls ------------------------------------------------------------------------
+    def begin_call(self, hidden_states: torch.Tensor, timestep: Any) -> StepContext:
+        if self.tracker.locate(timestep):
+            self.finish_run()
+            self.reset()
+            self.policy = self.config.build_policy(self.tracker.num_steps, len(self.blocks))
+        step, call = self.tracker.step, self.tracker.call
+        batch = hidden_states.shape[0]
+        grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
+        num_tokens = grid[0] * grid[1]
+        if not self.table:
+            self.table = token_table(self.policy, self.blocks, num_tokens)
+        if call == len(self.streams):
+            if step != 0:
+                raise RuntimeError(f"the transformer was called {call + 1} times at step {step} but "
+                                   f"{len(self.streams)} times at the first step of this run")
+            shared = bool(getattr(self.config, "cfg_shared_selection", False)) and batch % 2 == 0 and bool(
+                torch.equal(hidden_states[: batch // 2], hidden_states[batch // 2:]))
+            self.streams.append(StreamState(batch, num_tokens, shared))
+        stream = self.streams[call]
+        if (stream.batch, stream.num_tokens) != (batch, num_tokens):
+            raise RuntimeError(f"batch/token shape changed within a sampling run: stream {call} started with "
+                               f"batch {stream.batch} and {stream.num_tokens} tokens, now {batch} and {num_tokens}")
+        is_full = self.policy.full_steps[step]
+        self.context = StepContext(step, self.policy.num_steps, is_full, stream, grid, self.table[step])
+        self._call_rows = 0
+        overhead = self._memo(("overhead", num_tokens, batch),
+                              lambda: sum(block_overhead_flops(b, num_tokens, batch) for b in self.blocks))
+        self.record.flops += overhead
+        self.record.flops_full += overhead
+        self.record.cfg_shared = self.streams[0].cfg_shared
+        return self.context
+
+    def end_call(self) -> None:
+        ctx = self.context
+        self.context = None
+        if ctx is None:
+            return
+        rec = self.record
+        if self.tracker.call == 0:
+            kind = "full" if ctx.is_full else ("partial" if self._call_rows > 0 else "reuse")
+            rec.step_kinds.append(kind)
+            rec.num_steps = len(rec.step_kinds)
+        if ctx.step == ctx.num_steps - 1 and self.tracker.call == len(self.streams) - 1:
+            self.finish_run()
+
+    # ---- module calls -----------------------------------------------------------------------------
+    def _memo(self, key: tuple, compute: Callable[[], int]) -> int:
+        value = self._flop_memo.get(key)
+        if value is None:
+            value = self._flop_memo[key] = compute()
+        return value
+
+    def _account(self, block: BlockEntry, slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int,
+                 context_tokens: int, batch: int) -> None:
+        def cost(r: int) -> int:
+            return self._memo((block.index, slot.name, r, num_tokens, context_tokens, batch),
+                              lambda: slot_flops(slot, module, r, num_tokens, context_tokens, batch))
+
+        rec = self.record
+        rec.flops += cost(rows)
+        rec.flops_full += cost(num_tokens)
+        rec.tokens_computed[slot.kind] = rec.tokens_computed.get(slot.kind, 0) + rows * batch
+        rec.tokens_total[slot.kind] = rec.tokens_total.get(slot.kind, 0) + num_tokens * batch
+        self._call_rows += rows
+
+    def statistic_sink(self, block: int) -> Callable[[torch.Tensor], None] | None:
+        """Where an attention processor of ``block`` sends its score statistic now, or None."""
+        ctx = self.context
+        if ctx is None or not ctx.is_full:
+            return None
+        raw_scores = ctx.stream.raw_scores
+
+        def sink(value: torch.Tensor) -> None:
+            raw_scores[block] = value
+
+        return sink
+
+    def run_module(self, block: BlockEntry, slot: ModuleSlot, module: nn.Module,
+                   original: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+        ctx = self.context
+        if args:
+            tokens = args[0]
+        else:
+            tokens = kwargs["hidden_states"]
+        batch, num_tokens = tokens.shape[0], tokens.shape[1]
+        context = kwargs.get("encoder_hidden_states") if slot.kind == "cross_attn" else None
+        context_tokens = context.shape[1] if context is not None else 0
+        key = (block.index, slot.name)
+        state = ctx.stream.slot(key)
+        rows = ctx.tokens[(block.index, slot.kind)]
+
+        if ctx.is_full or rows >= num_tokens or state.output is None:
+            if state.output is None and not ctx.is_full:
+                raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
+                                   "step of a run must be full")
+            output = original(*args, **kwargs)
+            self._store_all(state, tokens, output)
+            self._account(block, slot, module, num_tokens, num_tokens, context_tokens, batch)
+            return output
+
+        if state.output.shape[:2] != (batch, num_tokens):
+            raise RuntimeError(f"cache of {block.name}.{slot.name} holds shape {tuple(state.output.shape[:2])} "
+                               f"but the call has ({batch}, {num_tokens})")
+        if rows > 0:
+            index = self.selector.select(ctx, block.index, state, tokens, rows)
+            gather = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+            fresh = tokens.gather(1, gather)
+            if slot.partial == "queries":
+                if kwargs.get("encoder_hidden_states") is not None:
+                    raise RuntimeError(f"{block.name}.{slot.name} is a self-attention but received "
+                                       "encoder_hidden_states")
+                kwargs = {**kwargs, "encoder_hidden_states": tokens}
+            args, kwargs = ((fresh, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": fresh})
+            fresh_out = original(*args, **kwargs)
+            out_index = index.unsqueeze(-1).expand(-1, -1, fresh_out.shape[-1])
+            # Out of place: a tensor handed to the block (or to a user's hook) is never modified afterwards.
+            state.output = state.output.scatter(1, out_index, fresh_out.to(state.output.dtype))
+            state.steps_since_fresh += 1
+            state.steps_since_fresh.scatter_(1, index, 0)
+            if state.last_input is not None:
+                state.last_input.scatter_(1, gather, fresh.to(state.last_input.dtype))
+        else:
+            state.steps_since_fresh += 1
+        self._account(block, slot, module, rows, num_tokens, context_tokens, batch)
+        return state.output.to(state.output_dtype)
+
+    def _store_all(self, state: SlotState, tokens: torch.Tensor, output: torch.Tensor) -> None:
+        state.output = output.detach().to(self.cache_dtype or output.dtype)
+        state.output_dtype = output.dtype
+        if state.steps_since_fresh is None or state.steps_since_fresh.shape != output.shape[:2]:
+            state.steps_since_fresh = torch.zeros(output.shape[:2], dtype=torch.int32, device=output.device)
+        else:
+            state.steps_since_fresh.zero_()
+        if self.selector is not None and self.selector.keeps_inputs:
+            state.last_input = tokens.detach().to(self.cache_dtype or tokens.dtype).clone()

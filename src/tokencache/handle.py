@@ -1,0 +1,170 @@
+"""``tc.apply``: attach a cache to a diffusers pipeline or transformer, and the handle it returns."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from .engine import CacheEngine, RunRecord
+from .hooks import MODULE_HOOK, TRANSFORMER_HOOK, HookInstaller, ModuleCacheHook, TransformerHook, is_applied
+from .layouts import find_blocks
+from .processors import ScoringAttnProcessor, unsupported_reason
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What the last sampling run did."""
+
+    method: str
+    num_steps: int
+    full_steps: int
+    partial_steps: int
+    reuse_steps: int
+    step_kinds: tuple[str, ...]
+    fresh_fraction: dict[str, float]
+    """Per module type, tokens recomputed over tokens a full run computes."""
+    flops: int
+    flops_full: int
+    cache_bytes: int
+    """Bytes held by module caches (and frequency counters) at the end of the run."""
+    score_bytes: int
+    """Bytes held by the score statistics of the last full step."""
+    cfg_shared_selection: bool
+    """Whether CFG halves shared one token selection in this run."""
+
+    @property
+    def speedup(self) -> float:
+        """FLOPs of an uncached run over FLOPs done."""
+        return self.flops_full / self.flops if self.flops else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "speedup": self.speedup}
+
+    def __str__(self) -> str:
+        fractions = ", ".join(f"{k} {v:.1%}" for k, v in sorted(self.fresh_fraction.items()))
+        return (
+            f"{self.method}: {self.num_steps} steps ({self.full_steps} full, {self.partial_steps} partial, "
+            f"{self.reuse_steps} reuse)\n"
+            f"  tokens recomputed: {fractions}\n"
+            f"  FLOPs: {self.flops / 1e9:.2f} G of {self.flops_full / 1e9:.2f} G uncached -> {self.speedup:.2f}x\n"
+            f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB, score state: {self.score_bytes / 2**10:.1f} KiB"
+        )
+
+
+def _stats_from(method: str, record: RunRecord) -> CacheStats:
+    kinds = tuple(record.step_kinds)
+    return CacheStats(
+        method=method,
+        num_steps=record.num_steps,
+        full_steps=kinds.count("full"),
+        partial_steps=kinds.count("partial"),
+        reuse_steps=kinds.count("reuse"),
+        step_kinds=kinds,
+        fresh_fraction={k: record.tokens_computed[k] / record.tokens_total[k] for k in record.tokens_total},
+        flops=record.flops,
+        flops_full=record.flops_full,
+        cache_bytes=record.cache_bytes,
+        score_bytes=record.score_bytes,
+        cfg_shared_selection=record.cfg_shared,
+    )
+
+
+def _resolve_target(target: Any) -> tuple[nn.Module, Any | None]:
+    if isinstance(target, nn.Module):
+        return target, None
+    transformer = getattr(target, "transformer", None)
+    if isinstance(transformer, nn.Module) and hasattr(target, "scheduler"):
+        return transformer, target
+    raise TypeError(f"target must be a diffusers pipeline with a `transformer` and a `scheduler`, or a "
+                    f"transformer nn.Module; got {type(target).__name__}")
+
+
+class CacheHandle:
+    """Returned by :func:`apply`: statistics of the last run, run marking for hand-written loops, removal."""
+
+    def __init__(self, engine: CacheEngine, installer: HookInstaller, processors: list[tuple[nn.Module, Any]],
+                 transformer: nn.Module) -> None:
+        self._engine = engine
+        self._installer = installer
+        self._processors = processors
+        self.transformer = transformer
+        self.config = engine.config
+        self._removed = False
+
+    def stats(self) -> CacheStats:
+        """Statistics of the last completed sampling run (or of the run in progress, if none completed)."""
+        record = self._engine.last_record
+        if self._engine.record.num_steps and (record is None or self._engine.record is not record):
+            record = self._engine.record if record is None else record
+        if record is None or not record.num_steps:
+            raise RuntimeError("no sampling run has been made with this cache yet")
+        return _stats_from(type(self.config).__name__.removesuffix("Config"), record)
+
+    @contextlib.contextmanager
+    def sampling(self, num_steps: int) -> Iterator[CacheHandle]:
+        """Mark one sampling run of ``num_steps`` steps in a hand-written loop over the transformer."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
+        self._check_live()
+        self._engine.tracker.start_manual_run(num_steps)
+        try:
+            yield self
+        finally:
+            self._engine.tracker.end_manual_run()
+            self._engine.finish_run()
+
+    def remove(self) -> None:
+        """Detach every hook and processor: the model is exactly as before :func:`apply`."""
+        self._check_live()
+        self._installer.remove_all()
+        for attn, processor in self._processors:
+            attn.set_processor(processor)
+        self._engine.reset()
+        self._removed = True
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this cache handle was removed")
+
+
+def apply(target: Any, config: Any) -> CacheHandle:
+    """Attach the cache described by ``config`` to a diffusers pipeline (its ``transformer``) or a transformer."""
+    if not hasattr(config, "build_policy"):
+        raise TypeError(f"config must be a tokencache config (ToCaConfig, FORAConfig, ...); got {type(config).__name__}")
+    transformer, pipeline = _resolve_target(target)
+    if is_applied(transformer):
+        raise RuntimeError(f"a tokencache cache is already applied to this {type(transformer).__name__}; "
+                           "call handle.remove() first")
+    blocks = find_blocks(transformer)
+    selector = config.build_selector()
+    engine = CacheEngine(config, transformer, blocks, pipeline, selector)
+
+    scoring: list[tuple[int, nn.Module, str]] = []
+    needs = selector.attention_statistic if selector is not None else None
+    if needs is not None:
+        kind, statistic = needs
+        for block in blocks:
+            modules = [m for slot, m in block.slots() if slot.kind == kind]
+            if not modules:
+                raise ValueError(f"{type(config).__name__}.score {config.score!r} needs a {kind} module, and block "
+                                 f"{block.name!r} ({type(block.module).__name__}) has none; choose another score")
+            reason = unsupported_reason(modules[0])
+            if reason is not None:
+                raise ValueError(f"{type(config).__name__}.score {config.score!r}: {reason} ({block.name})")
+            scoring.append((block.index, modules[0], statistic))
+
+    installer = HookInstaller()
+    processors: list[tuple[nn.Module, Any]] = []
+    for index, attn, statistic in scoring:
+        processors.append((attn, attn.processor))
+        attn.set_processor(ScoringAttnProcessor(attn.processor, statistic,
+                                                lambda i=index: engine.statistic_sink(i), config.score_chunk_size))
+    installer.register(transformer, TransformerHook(engine), TRANSFORMER_HOOK)
+    for block in blocks:
+        for slot, module in block.slots():
+            installer.register(module, ModuleCacheHook(engine, block, slot), MODULE_HOOK)
+    return CacheHandle(engine, installer, processors, transformer)

@@ -1,0 +1,103 @@
+"""Dry runs of a cache schedule: which modules are full, partial or reused, and the FLOPs, without
+running the model (a transformer on the ``meta`` device works)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .engine import token_table
+from .flops import block_overhead_flops, slot_flops
+from .layouts import find_blocks
+
+# PixArt-alpha pads captions to 120 T5 tokens (PixArt-Sigma: 300).
+DEFAULT_CONTEXT_TOKENS = 120
+
+
+def default_num_tokens(transformer: nn.Module) -> int:
+    cfg = transformer.config
+    size = cfg.get("sample_size")
+    patch = cfg.get("patch_size") or 1
+    if size is None:
+        raise ValueError("the transformer's config has no sample_size; pass num_tokens")
+    height, width = (size, size) if isinstance(size, int) else size
+    return (height // patch) * (width // patch)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The schedule of one sampling run, step by step and block by block."""
+
+    method: str
+    num_steps: int
+    num_blocks: int
+    num_tokens: int
+    batch_size: int
+    step_kinds: tuple[str, ...]
+    """``full``, ``partial`` (some module recomputes some tokens) or ``reuse`` per step."""
+    fresh_fraction: tuple[tuple[float, ...], ...]
+    """Per step and block, the largest fraction of tokens any of its modules recomputes."""
+    flops: int
+    flops_full: int
+
+    @property
+    def speedup(self) -> float:
+        return self.flops_full / self.flops
+
+    def count(self, kind: str) -> int:
+        return self.step_kinds.count(kind)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.method}: {self.num_steps} steps x {self.num_blocks} blocks, {self.num_tokens} tokens, "
+            f"batch {self.batch_size}",
+            "grid: one row per step, one column per block; F full, . reused, 1-9 partial (tenths of tokens "
+            "recomputed by the freshest module)",
+        ]
+        for step, (kind, row) in enumerate(zip(self.step_kinds, self.fresh_fraction, strict=True)):
+            cells = "".join("F" if kind == "full" else ("." if f == 0 else str(min(9, max(1, math.ceil(10 * f)))))
+                            for f in row)
+            lines.append(f"{step:4d} {kind:<7} {cells}")
+        lines.append(f"steps: {self.count('full')} full, {self.count('partial')} partial, {self.count('reuse')} reuse")
+        lines.append(f"FLOPs: {self.flops / 1e12:.3f} T of {self.flops_full / 1e12:.3f} T uncached "
+                     f"-> {self.speedup:.2f}x")
+        return "\n".join(lines)
+
+
+def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 1, num_tokens: int | None = None,
+         context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> Plan:
+    """Plan ``config`` on ``transformer`` for ``num_steps`` steps and a transformer batch of ``batch_size``
+    (2 for one image with classifier-free guidance)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    blocks = find_blocks(transformer)
+    n = num_tokens if num_tokens is not None else default_num_tokens(transformer)
+    policy = config.build_policy(num_steps, len(blocks))
+    table = token_table(policy, blocks, n)
+    overhead = sum(block_overhead_flops(b, n, batch_size) for b in blocks)
+    flops = flops_full = 0
+    kinds, fractions = [], []
+    for step in range(num_steps):
+        computed = 0
+        row = []
+        for block in blocks:
+            largest = 0.0
+            for slot, module in block.slots():
+                rows = table[step][(block.index, slot.kind)]
+                computed += rows
+                largest = max(largest, rows / n)
+                flops += slot_flops(slot, module, rows, n, context_tokens, batch_size)
+                flops_full += slot_flops(slot, module, n, n, context_tokens, batch_size)
+            row.append(largest)
+        flops += overhead
+        flops_full += overhead
+        full = policy.full_steps[step]
+        kinds.append("full" if full else ("partial" if computed else "reuse"))
+        fractions.append(tuple(row))
+    method = type(config).__name__.removesuffix("Config")
+    return Plan(method, num_steps, len(blocks), n, batch_size, tuple(kinds), tuple(fractions), flops, flops_full)

@@ -1,0 +1,84 @@
+"""The official settings of the papers' reference implementations, as named presets.
+
+Figures from ALGORITHMS.md §1 (ToCa) and §3 (FORA); step and depth formulas are in this project's
+convention: step ``i = 0`` is the first (noisiest) step, block ``l = 0`` the first block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import DepthRamp, FORAConfig, StepRamp, ToCaConfig
+
+# DiT-XL/2: attention work moved to the MLP, M(attn) = 1 - (1 - 0.6) * 2.5 = 0 and M(mlp) = 1 + 0.6 * 2.5.
+_DIT_COMMON: dict[str, Any] = dict(
+    fresh_ratio=0.07,
+    module_ratio={"self_attn": 0.0, "mlp": 2.5},
+    interval_ramp=StepRamp(0.6, 0.8, offset=1),
+    sensitive_window=(0.6, 0.8),
+    sensitive_interval=2,
+    score="attention",
+    frequency_weight=0.25,
+    spatial_cell_size=2,
+    spatial_bonus=0.6,
+    cfg_shared_selection=False,
+)
+
+ToCaConfig._PRESETS.update(
+    {
+        "dit-ddim50": (
+            "DiT-XL/2 256, DDIM 50 steps, N=3, R0=0.07 (2.32x FLOPs)",
+            dict(_DIT_COMMON, full_step_interval=3, step_ratio=StepRamp(-1.0, 4.0, offset=1),
+                 depth_ratio=DepthRamp(0.8, 0.4)),
+        ),
+        "dit-ddpm250": (
+            "DiT-XL/2 256, DDPM 250 steps, N=4, R0=0.07 (2.73x FLOPs)",
+            dict(_DIT_COMMON, full_step_interval=4, step_ratio=StepRamp(0.6, 0.8, offset=1),
+                 depth_ratio=DepthRamp(1.8, -1.6)),
+        ),
+        "pixart-dpm20": (
+            "PixArt-alpha 256, DPM-Solver 20 steps, N=3, R0=0.30, cross-attention entropy score",
+            dict(
+                fresh_ratio=0.30,
+                step_ratio=StepRamp(1.9, -1.8),
+                depth_ratio=DepthRamp(1.6, -1.2),
+                module_ratio={"self_attn": 0.0, "cross_attn": 0.6, "mlp": 1.6},
+                full_step_interval=3,
+                interval_ramp=StepRamp(0.8, 0.4),
+                score="cross_attention_entropy",
+                frequency_weight=0.25,
+                spatial_cell_size=4,
+                spatial_bonus=0.4,
+                cfg_shared_selection=True,
+            ),
+        ),
+    }
+)
+
+FORAConfig._PRESETS.update(
+    {
+        "fora": ("FORA, full step every 3 steps (the ToCa paper's comparison setting)", dict(interval=3)),
+        "fora-n2": ("FORA, full step every 2 steps", dict(interval=2)),
+        "fora-n4": ("FORA, full step every 4 steps", dict(interval=4)),
+        "fora-n6": ("FORA, full step every 6 steps", dict(interval=6)),
+    }
+)
+
+_CONFIG_CLASSES = (ToCaConfig, FORAConfig)
+
+
+def presets() -> dict[str, str]:
+    """Every preset name, with the config class that takes it and a one-line description."""
+    listing: dict[str, str] = {}
+    for cls in _CONFIG_CLASSES:
+        for name, (description, _) in cls._PRESETS.items():
+            listing[name] = f"{cls.__name__}: {description}"
+    return listing
+
+
+def preset(name: str):
+    """Build the config registered under ``name``, whichever config class owns it."""
+    for cls in _CONFIG_CLASSES:
+        if name in cls._PRESETS:
+            return cls.preset(name)
+    raise ValueError(f"preset name must be one of {sorted(presets())}; got {name!r}")

@@ -1,0 +1,70 @@
+"""ToCa's token selection: which tokens a module recomputes at a partial step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import ToCaConfig
+from .scores import SCORES_FROM_ATTENTION, frequency_term, score_from_raw, spatial_bonus, topk_tokens
+from .state import SlotState, StepContext, StreamState
+
+
+class ToCaSelector:
+    """Scores tokens as configured and returns the top ``k`` per sample (shared across CFG halves when the
+    stream is a CFG batch with ``cfg_shared_selection``)."""
+
+    def __init__(self, config: ToCaConfig) -> None:
+        self.config = config
+        self.generator: torch.Generator | None = None
+
+    @property
+    def attention_statistic(self) -> tuple[str, str] | None:
+        """(module kind, statistic) that attention processors must report on full steps, if any."""
+        score = self.config.score
+        if score not in SCORES_FROM_ATTENTION:
+            return None
+        statistic = {"attention": "received", "value_norm": "value_norm",
+                     "cross_attention_entropy": "entropy"}[score]
+        return SCORES_FROM_ATTENTION[score], statistic
+
+    @property
+    def keeps_inputs(self) -> bool:
+        return self.config.score == "similarity"
+
+    def reset(self, device: torch.device) -> None:
+        self.generator = None
+        self._device = device
+
+    def _random(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
+        return torch.rand(batch, num_tokens, generator=self.generator, device=device)
+
+    def select(self, ctx: StepContext, block: int, slot: SlotState, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices (B, k) of the tokens to recompute; ``tokens`` is the module input (B, n, D)."""
+        c = self.config
+        stream: StreamState = ctx.stream
+        batch, num_tokens = tokens.shape[0], tokens.shape[1]
+        rows = batch // 2 if stream.cfg_shared else batch
+        if c.score == "random":
+            raw = self._random(rows, num_tokens, tokens.device)
+        else:
+            if c.score == "similarity":
+                raw = F.cosine_similarity(tokens.float(), slot.last_input.float(), dim=-1)
+            else:
+                raw = stream.raw_scores.get(block)
+                if raw is None:
+                    raise RuntimeError(f"no {c.score!r} statistic was recorded for block {block} at the last "
+                                       "full step")
+            if stream.cfg_shared:
+                raw = 0.5 * (raw[:rows] + raw[rows:])
+        score = score_from_raw(c.score, raw)
+        if c.frequency_weight > 0:
+            score = score + frequency_term(slot.steps_since_fresh[:rows], c.full_step_interval, c.frequency_weight)
+        if c.spatial_cell_size is not None:
+            score = spatial_bonus(score, ctx.grid, c.spatial_cell_size, c.spatial_bonus)
+        index = topk_tokens(score, k)
+        if stream.cfg_shared:
+            index = torch.cat([index, index], dim=0)
+        return index
