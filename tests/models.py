@@ -25,7 +25,7 @@ def tiny_dit(num_layers: int = 3, sample_size: int = 8, dtype: torch.dtype = tor
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return model.to(dtype).eval()
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
 def tiny_pixart(num_layers: int = 3, sample_size: int = 8, dtype: torch.dtype = torch.float32) -> PixArtTransformer2DModel:
@@ -37,7 +37,7 @@ def tiny_pixart(num_layers: int = 3, sample_size: int = 8, dtype: torch.dtype = 
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return model.to(dtype).eval()
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
 def tiny_vae() -> AutoencoderKL:

@@ -31,19 +31,21 @@ def fresh_tokens(ratio: float, num_tokens: int) -> int:
 def toca_interval(config: ToCaConfig, step: int, num_steps: int) -> int:
     """Steps from a full step at ``step`` to the next one: ``round(N / interval_ramp(i))``, or
     ``sensitive_interval`` inside ``sensitive_window``."""
-    window = config.sensitive_window
-    if window is not None and window[0] <= step / num_steps < window[1]:
-        return config.sensitive_interval
     divisor = config.interval_ramp(step, num_steps)
     if divisor <= 0:
         raise ValueError(f"ToCaConfig.interval_ramp must stay > 0 over the run; it is {divisor:.3g} at step "
                          f"{step} of {num_steps}")
+    window = config.sensitive_window
+    if window is not None and window[0] <= step / num_steps < window[1]:
+        return config.sensitive_interval
     return max(1, round(config.full_step_interval / divisor))
 
 
 def toca_full_steps(config: ToCaConfig, num_steps: int) -> tuple[bool, ...]:
     """Full steps of ToCa: the leading ``first_full_steps``, then each full step schedules the next one
     ``toca_interval`` steps later (decided once per step, for the whole step)."""
+    for step in (0, num_steps - 1):  # the ramp is linear: its ends bound it
+        toca_interval(config, step, num_steps)
     full: list[bool] = []
     next_full = 0
     for step in range(num_steps):
