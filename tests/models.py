@@ -28,7 +28,8 @@ def tiny_dit(num_layers: int = 3, sample_size: int = 8, dtype: torch.dtype = tor
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
-def tiny_pixart(num_layers: int = 3, sample_size: int = 8, dtype: torch.dtype = torch.float32) -> PixArtTransformer2DModel:
+def tiny_pixart(num_layers: int = 3, sample_size: int = 8,
+                dtype: torch.dtype = torch.float32) -> PixArtTransformer2DModel:
     torch.manual_seed(0)
     model = PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
@@ -42,7 +43,8 @@ def tiny_pixart(num_layers: int = 3, sample_size: int = 8, dtype: torch.dtype = 
 
 def tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+    return AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",),
                          up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4,
                          sample_size=8).eval()
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from models import prompt_embeds, tiny_dit, tiny_dit_pipeline, tiny_pixart
-from test_equivalence import dit_kwargs, dit_pipe_run, hand_loop, pixart_kwargs
 
 import tokencache as tc
+
+from models import prompt_embeds, tiny_dit, tiny_dit_pipeline, tiny_pixart
+from test_equivalence import dit_kwargs, dit_pipe_run, hand_loop, pixart_kwargs
 
 HALF = tc.ToCaConfig(fresh_ratio=0.5, module_ratio={"self_attn": 1.0, "cross_attn": 1.0, "mlp": 1.0},
                      full_step_interval=4, score="attention", frequency_weight=0.25)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from models import prompt_embeds, tiny_dit, tiny_dit_pipeline, tiny_pixart, tiny_pixart_pipeline
 
 import tokencache as tc
+
+from models import prompt_embeds, tiny_dit, tiny_dit_pipeline, tiny_pixart, tiny_pixart_pipeline
 
 ALL_FRESH = dict(fresh_ratio=1.0, module_ratio={"self_attn": 1.0, "cross_attn": 1.0, "mlp": 1.0})
 EXACT_CONFIGS = {

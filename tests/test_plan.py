@@ -1,11 +1,12 @@
 """Plans: FLOP counting against the published figures, and agreement with real runs."""
 
 import pytest
-from models import prompt_embeds, tiny_dit_pipeline, tiny_pixart_pipeline
-from test_equivalence import dit_pipe_run, pixart_pipe_run
 
 import tokencache as tc
 from tokencache.shapes import build_transformer
+
+from models import prompt_embeds, tiny_dit_pipeline, tiny_pixart_pipeline
+from test_equivalence import dit_pipe_run, pixart_pipe_run
 
 
 @pytest.fixture(scope="module")

@@ -168,10 +168,7 @@ class CacheEngine:
     def run_module(self, block: BlockEntry, slot: ModuleSlot, module: nn.Module,
                    original: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
         ctx = self.context
-        if args:
-            tokens = args[0]
-        else:
-            tokens = kwargs["hidden_states"]
+        tokens = args[0] if args else kwargs["hidden_states"]
         batch, num_tokens = tokens.shape[0], tokens.shape[1]
         context = kwargs.get("encoder_hidden_states") if slot.kind == "cross_attn" else None
         context_tokens = context.shape[1] if context is not None else 0

@@ -134,7 +134,8 @@ class CacheHandle:
 def apply(target: Any, config: Any) -> CacheHandle:
     """Attach the cache described by ``config`` to a diffusers pipeline (its ``transformer``) or a transformer."""
     if not hasattr(config, "build_policy"):
-        raise TypeError(f"config must be a tokencache config (ToCaConfig, FORAConfig, ...); got {type(config).__name__}")
+        raise TypeError(f"config must be a tokencache config (ToCaConfig, FORAConfig, ...); "
+                        f"got {type(config).__name__}")
     transformer, pipeline = _resolve_target(target)
     if is_applied(transformer):
         raise RuntimeError(f"a tokencache cache is already applied to this {type(transformer).__name__}; "

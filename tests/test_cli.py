@@ -1,0 +1,38 @@
+import subprocess
+import sys
+
+import pytest
+
+from tokencache.cli import main
+
+
+def test_plan_command_prints_grid_and_flops(capsys):
+    assert main(["plan", "--preset", "dit-ddim50", "--model", "dit-xl-2", "--steps", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "FLOPs: 10.300 T of 23.744 T uncached -> 2.31x" in out
+    assert out.count("FFFFFFFFFFFFFFFFFFFFFFFFFFFF") == 18
+
+
+def test_plan_command_pixart_and_local_checkpoint(tmp_path, capsys):
+    from models import tiny_pixart
+
+    tiny_pixart().save_pretrained(tmp_path / "transformer")
+    assert main(["plan", "--preset", "pixart-dpm20", "--model", str(tmp_path), "--steps", "20",
+                 "--context-tokens", "6"]) == 0
+    assert "3 blocks" in capsys.readouterr().out
+    assert main(["plan", "--preset", "pixart-dpm20", "--model", "pixart-alpha-512", "--steps", "20"]) == 0
+    assert "1024 tokens" in capsys.readouterr().out
+
+
+def test_plan_command_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--preset", "dit-ddim50", "--model", "no-such-model"])
+    assert exit_info.value.code == 2
+    assert "model must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", "--preset", "bogus"])
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "tokencache.cli", "presets"], capture_output=True, text=True)
+    assert result.returncode == 0 and "dit-ddim50" in result.stdout
