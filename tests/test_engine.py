@@ -247,3 +247,14 @@ def test_pixart_cfg_halves_share_selection():
     hand_loop(transformer, handle, 3, kwargs_fn=pixart_kwargs)
     assert not handle.stats().cfg_shared_selection
     handle.remove()
+
+
+def test_timing_reports_engine_sections():
+    transformer = tiny_dit()
+    handle = tc.apply(transformer, HALF)
+    handle.timing(True)
+    hand_loop(transformer, handle, 4, kwargs_fn=dit_kwargs)
+    seconds = handle.stats().seconds
+    handle.remove()
+    assert {"full_steps", "cached_steps", "select", "gather", "scatter"} <= set(seconds)
+    assert seconds["select"] + seconds["gather"] + seconds["scatter"] < seconds["cached_steps"]

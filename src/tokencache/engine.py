@@ -6,7 +6,9 @@ module hook calls :meth:`CacheEngine.run_module`, which computes, recomputes fre
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,32 @@ def token_table(policy: CachePolicy, blocks: list[BlockEntry], num_tokens: int) 
     return table
 
 
+class SectionTimer:
+    """Optional wall-clock accounting of the engine's own work (token selection, gather, scatter).
+
+    Off by default: the benchmarks turn it on to report the cache's overhead; on CUDA it synchronises
+    around each section, which is why it is not always on."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str, device: torch.device) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class RunRecord:
     """Accumulated during a sampling run; turned into :class:`tokencache.CacheStats`."""
@@ -48,6 +76,9 @@ class RunRecord:
     cfg_shared: bool = False
     cache_bytes: int = 0
     score_bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    """With timing on: seconds spent in full and cached steps, and in the engine's selection, gather and
+    scatter."""
 
 
 class CacheEngine:
@@ -65,6 +96,8 @@ class CacheEngine:
         self.table: list[dict[SlotKey, int]] = []
         self.record = RunRecord()
         self.last_record: RunRecord | None = None
+        self.timer = SectionTimer()
+        self._call_started = 0.0
         self._call_rows = 0
         self._flop_memo: dict[tuple, int] = {}
         patch = transformer.config.get("patch_size", 1) if hasattr(transformer, "config") else 1
@@ -78,6 +111,7 @@ class CacheEngine:
         self.policy = None
         self.table = []
         self.record = RunRecord()
+        self.timer.seconds = self.record.seconds
         if self.selector is not None:
             self.selector.reset(None)
 
@@ -118,6 +152,10 @@ class CacheEngine:
         self.record.flops += overhead
         self.record.flops_full += overhead
         self.record.cfg_shared = self.streams[0].cfg_shared
+        if self.timer.enabled:
+            if hidden_states.device.type == "cuda":
+                torch.cuda.synchronize(hidden_states.device)
+            self._call_started = time.perf_counter()
         return self.context
 
     def end_call(self) -> None:
@@ -126,6 +164,11 @@ class CacheEngine:
         if ctx is None:
             return
         rec = self.record
+        if self.timer.enabled:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            name = "full_steps" if ctx.is_full else "cached_steps"
+            rec.seconds[name] = rec.seconds.get(name, 0.0) + time.perf_counter() - self._call_started
         if self.tracker.call == 0:
             kind = "full" if ctx.is_full else ("partial" if self._call_rows > 0 else "reuse")
             rec.step_kinds.append(kind)
@@ -189,9 +232,12 @@ class CacheEngine:
             raise RuntimeError(f"cache of {block.name}.{slot.name} holds shape {tuple(state.output.shape[:2])} "
                                f"but the call has ({batch}, {num_tokens})")
         if rows > 0:
-            index = self.selector.select(ctx, block.index, state, tokens, rows)
-            gather = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-            fresh = tokens.gather(1, gather)
+            timer, device = self.timer, tokens.device
+            with timer.section("select", device):
+                index = self.selector.select(ctx, block.index, state, tokens, rows)
+            with timer.section("gather", device):
+                gather = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+                fresh = tokens.gather(1, gather)
             if slot.partial == "queries":
                 if kwargs.get("encoder_hidden_states") is not None:
                     raise RuntimeError(f"{block.name}.{slot.name} is a self-attention but received "
@@ -199,13 +245,14 @@ class CacheEngine:
                 kwargs = {**kwargs, "encoder_hidden_states": tokens}
             args, kwargs = ((fresh, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": fresh})
             fresh_out = original(*args, **kwargs)
-            out_index = index.unsqueeze(-1).expand(-1, -1, fresh_out.shape[-1])
-            # Out of place: a tensor handed to the block (or to a user's hook) is never modified afterwards.
-            state.output = state.output.scatter(1, out_index, fresh_out.to(state.output.dtype))
-            state.steps_since_fresh += 1
-            state.steps_since_fresh.scatter_(1, index, 0)
-            if state.last_input is not None:
-                state.last_input.scatter_(1, gather, fresh.to(state.last_input.dtype))
+            with timer.section("scatter", device):
+                out_index = index.unsqueeze(-1).expand(-1, -1, fresh_out.shape[-1])
+                # Out of place: a tensor handed to the block (or a user's hook) is never modified afterwards.
+                state.output = state.output.scatter(1, out_index, fresh_out.to(state.output.dtype))
+                state.steps_since_fresh += 1
+                state.steps_since_fresh.scatter_(1, index, 0)
+                if state.last_input is not None:
+                    state.last_input.scatter_(1, gather, fresh.to(state.last_input.dtype))
         else:
             state.steps_since_fresh += 1
         self._account(block, slot, module, rows, num_tokens, context_tokens, batch)

@@ -35,6 +35,9 @@ class CacheStats:
     """Bytes held by the score statistics of the last full step."""
     cfg_shared_selection: bool
     """Whether CFG halves shared one token selection in this run."""
+    seconds: dict[str, float]
+    """Only with ``handle.timing(True)``: wall-clock seconds of full steps, cached steps, and the engine's
+    token selection, gather and scatter."""
 
     @property
     def speedup(self) -> float:
@@ -70,6 +73,7 @@ def _stats_from(method: str, record: RunRecord) -> CacheStats:
         cache_bytes=record.cache_bytes,
         score_bytes=record.score_bytes,
         cfg_shared_selection=record.cfg_shared,
+        seconds=dict(record.seconds),
     )
 
 
@@ -116,6 +120,10 @@ class CacheHandle:
         finally:
             self._engine.tracker.end_manual_run()
             self._engine.finish_run()
+
+    def timing(self, enabled: bool = True) -> None:
+        """Measure the wall-clock time of steps and of the engine's own work in :meth:`stats` (``seconds``)."""
+        self._engine.timer.enabled = bool(enabled)
 
     def remove(self) -> None:
         """Detach every hook and processor: the model is exactly as before :func:`apply`."""

@@ -1,0 +1,238 @@
+"""Speed at real sizes: FLOPs speed-up (from the plan) against measured wall-clock speed-up.
+
+Models with the published shapes and random weights (timing needs no checkpoint): DiT-XL/2 256 (DDIM-50)
+and PixArt-alpha 256 / 512 (DPM-Solver 20 steps), all with a CFG batch of 2. For each method the uncached
+run and the cached run are made in the same process, interleaved, and the speed-up is the median over
+repeats of (uncached seconds / cached seconds) of the same repeat.
+
+    python benchmarks/speed.py                        # the full run behind the committed table
+    python benchmarks/speed.py --models dit-xl-2 --steps 10 --blocks 4 --repeats 1   # a short version
+
+Writes benchmarks/results/speed-<device>.json and .md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from tqdm import tqdm
+
+import tokencache as tc
+from tokencache.shapes import MODEL_SHAPES, build_transformer
+
+RESULTS = Path(__file__).parent / "results"
+
+SETTINGS = {
+    "dit-xl-2": dict(scheduler=DDIMScheduler, steps=50, methods={
+        "ToCa dit-ddim50 (attention)": tc.ToCaConfig.preset("dit-ddim50"),
+        "ToCa dit-ddim50 (random)": tc.ToCaConfig.preset("dit-ddim50", score="random"),
+        "FORA N=3": tc.FORAConfig(interval=3),
+    }),
+    "pixart-alpha-256": dict(scheduler=DPMSolverMultistepScheduler, steps=20, methods={
+        "ToCa pixart-dpm20 (entropy)": tc.ToCaConfig.preset("pixart-dpm20"),
+        "ToCa pixart-dpm20 (random)": tc.ToCaConfig.preset("pixart-dpm20", score="random"),
+        "FORA N=3": tc.FORAConfig(interval=3),
+    }),
+}
+SETTINGS["pixart-alpha-512"] = SETTINGS["pixart-alpha-256"]
+TEXT_TOKENS = 120
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: the CUDA allocator's peak, or the process RSS polled every 2 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self._base = process.memory_info().rss
+            self._stop = threading.Event()
+            self._peak = self._base
+
+            def poll() -> None:
+                while not self._stop.wait(0.002):
+                    self._peak = max(self._peak, process.memory_info().rss)
+
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = self._peak - self._base
+
+
+def make_inputs(model_name: str, transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    size = transformer.config.sample_size
+    latents = torch.randn(1, 4, size, size, generator=g).to(device, dtype)
+    if model_name.startswith("dit"):
+        return dict(latents=latents, cond=dict(class_labels=torch.tensor([207, 1000], device=device)))
+    caption = transformer.config.caption_channels
+    text = torch.randn(2, TEXT_TOKENS, caption, generator=g).to(device, dtype)
+    mask = torch.ones(2, TEXT_TOKENS, dtype=torch.long, device=device)
+    extra = {"resolution": None, "aspect_ratio": None}
+    if transformer.config.use_additional_conditions:
+        extra = {"resolution": torch.tensor([[1024.0, 1024.0]] * 2, device=device, dtype=dtype),
+                 "aspect_ratio": torch.tensor([[1.0]] * 2, device=device, dtype=dtype)}
+    return dict(latents=latents, cond=dict(encoder_hidden_states=text, encoder_attention_mask=mask,
+                                           added_cond_kwargs=extra))
+
+
+def sample(transformer, scheduler, steps: int, inputs: dict, handle=None) -> float:
+    """One CFG sampling run (guidance 4.0); returns its wall-clock seconds."""
+    device = inputs["latents"].device
+    scheduler.set_timesteps(steps, device=device)
+    x = inputs["latents"].clone()
+    run = handle.sampling(num_steps=steps) if handle is not None else contextlib.nullcontext()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad(), run:
+        for t in scheduler.timesteps:
+            out = transformer(torch.cat([x, x]), timestep=t.expand(2), **inputs["cond"]).sample
+            cond, uncond = out[:, :4].chunk(2)
+            x = scheduler.step(uncond + 4.0 * (cond - uncond), t, x).prev_sample
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_model(model_name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    setting = SETTINGS[model_name]
+    steps = args.steps or setting["steps"]
+    transformer = build_transformer(model_name, device=device, dtype=dtype)
+    if args.blocks:
+        transformer.transformer_blocks = transformer.transformer_blocks[: args.blocks]
+    scheduler = setting["scheduler"]()
+    inputs = make_inputs(model_name, transformer, device, dtype)
+    sample(transformer, scheduler, min(steps, 3), inputs)  # warm-up (allocator, kernels)
+
+    methods = {"no cache": None, **setting["methods"]}
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    peaks: dict[str, list[int]] = {m: [] for m in methods}
+    extra: dict[str, dict] = {}
+    progress = tqdm(total=args.repeats * len(methods), desc=model_name, leave=False)
+    for _ in range(args.repeats):
+        for name, config in methods.items():
+            handle = tc.apply(transformer, config) if config is not None else None
+            if handle is not None and device.type == "cpu":
+                handle.timing(True)  # perf_counter around the engine's sections; no device sync on the CPU
+            with PeakMemory(device) as peak:
+                seconds[name].append(sample(transformer, scheduler, steps, inputs, handle))
+            peaks[name].append(peak.peak_bytes)
+            if handle is not None:
+                stats = handle.stats()
+                handle.remove()
+                extra[name] = dict(stats=stats)
+            progress.update()
+    progress.close()
+
+    if device.type == "cuda":  # the overhead split needs device syncs: one extra run per method
+        for name, config in setting["methods"].items():
+            handle = tc.apply(transformer, config)
+            handle.timing(True)
+            sample(transformer, scheduler, steps, inputs, handle)
+            extra[name]["timed"] = handle.stats()
+            handle.remove()
+
+    rows = []
+    for name, config in methods.items():
+        ratios = [a / b for a, b in zip(seconds["no cache"], seconds[name], strict=True)]
+        row = dict(model=model_name, method=name, steps=steps, blocks=len(transformer.transformer_blocks),
+                   seconds_median=statistics.median(seconds[name]), seconds=seconds[name],
+                   measured_speedup=statistics.median(ratios),
+                   peak_memory_mib=statistics.median(peaks[name]) / 2**20)
+        if config is None:
+            row.update(flops_speedup=1.0, overhead_ratio=1.0, cache_memory_mib=0.0)
+        else:
+            stats = extra[name]["stats"]
+            plan = tc.plan(config, transformer, steps, batch_size=2, context_tokens=TEXT_TOKENS)
+            assert plan.flops == stats.flops, "the run's FLOPs must equal the plan's"
+            timed = extra[name].get("timed", stats).seconds
+            engine = timed.get("select", 0.0) + timed.get("gather", 0.0) + timed.get("scatter", 0.0)
+            row.update(flops_speedup=plan.speedup, overhead_ratio=row["measured_speedup"] / plan.speedup,
+                       cache_memory_mib=stats.cache_bytes / 2**20,
+                       engine_share_of_cached_steps=engine / timed["cached_steps"] if timed.get("cached_steps")
+                       else 0.0,
+                       engine_seconds={k: timed.get(k, 0.0) for k in ("select", "gather", "scatter")})
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| model | method | FLOPs speed-up | measured speed-up | measured / FLOPs | median s | "
+             "select+gather+scatter share of cached steps | peak mem MiB | cache MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        share = r.get("engine_share_of_cached_steps")
+        lines.append(f"| {r['model']} | {r['method']} | {r['flops_speedup']:.2f}x | {r['measured_speedup']:.2f}x | "
+                     f"{r['overhead_ratio']:.2f} | {r['seconds_median']:.1f} | "
+                     f"{'-' if share is None else f'{share:.1%}'} | {r['peak_memory_mib']:.0f} | "
+                     f"{r['cache_memory_mib']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="dit-xl-2,pixart-alpha-256,pixart-alpha-512",
+                        help=f"comma-separated, from {sorted(SETTINGS)}")
+    parser.add_argument("--steps", type=int, default=None, help="override the sampling steps (short version)")
+    parser.add_argument("--blocks", type=int, default=None, help="keep only the first N blocks (short version)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="result file stem (default results/speed-<device>-<dtype>)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    models = args.models.split(",")
+    for m in models:
+        if m not in SETTINGS or m not in MODEL_SHAPES:
+            parser.error(f"--models: {m!r} is not one of {sorted(SETTINGS)}")
+
+    rows = []
+    for model_name in models:
+        rows.extend(bench_model(model_name, args, device, dtype))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    when = datetime.date.today().isoformat()
+    header = (f"Device: {name} ({args.device}, {torch.get_num_threads()} threads), {args.dtype}, "
+              f"{args.repeats} repeats, {when}" + (" — SHORT VERSION" if args.steps or args.blocks else ""))
+    table = markdown(rows, header)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / (args.out or f"speed-{device.type}-{args.dtype}")
+    stem.with_suffix(".md").write_text(table)
+    stem.with_suffix(".json").write_text(json.dumps(dict(device=name, dtype=args.dtype, date=when, args=vars(args),
+                                                         rows=rows), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
