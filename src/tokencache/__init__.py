@@ -8,10 +8,11 @@
 """
 
 from . import presets as _presets  # noqa: F401  (registers the official settings)
-from .config import DepthRamp, FORAConfig, StepRamp, ToCaConfig
+from .config import TPRR, DepthRamp, FORAConfig, StepRamp, ToCaConfig, TokenCacheConfig
 from .handle import CacheHandle, CacheStats, apply
 from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
 from .plan import Plan, plan
+from .predictor import TokenCachePredictor
 from .presets import preset, presets
 
 __version__ = "0.1.0"
@@ -25,7 +26,10 @@ __all__ = [
     "ModuleSlot",
     "Plan",
     "StepRamp",
+    "TPRR",
     "ToCaConfig",
+    "TokenCacheConfig",
+    "TokenCachePredictor",
     "apply",
     "plan",
     "preset",

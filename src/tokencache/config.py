@@ -228,6 +228,114 @@ class FORAConfig(PresetMixin):
         return None  # FORA recomputes no tokens on cached steps
 
 
+@dataclass(frozen=True)
+class TPRR:
+    """Two-Phase Round-Robin step schedule: a full step, then ``early_cached_steps`` cached steps, repeated
+    while the progress ``i / T`` is below ``boundary``; after it, ``late_cached_steps`` cached steps per full
+    step. Equal phases give a fixed interval."""
+
+    early_cached_steps: int = 3
+    """K1: cached steps after each full step in the early (high-noise) phase."""
+    late_cached_steps: int = 1
+    """K2: cached steps after each full step in the late phase."""
+    boundary: float = 0.5
+    """Progress at which the late phase starts, in [0, 1]."""
+
+    def __post_init__(self) -> None:
+        check_number(TPRR, "early_cached_steps", self.early_cached_steps, 0, integer=True)
+        check_number(TPRR, "late_cached_steps", self.late_cached_steps, 0, integer=True)
+        check_number(TPRR, "boundary", self.boundary, 0.0, 1.0)
+
+    def full_steps(self, num_steps: int) -> tuple[bool, ...]:
+        full: list[bool] = []
+        next_full = 0
+        for step in range(num_steps):
+            is_full = step >= next_full
+            if is_full:
+                early = step / num_steps < self.boundary
+                next_full = step + 1 + (self.early_cached_steps if early else self.late_cached_steps)
+            full.append(is_full)
+        return tuple(full)
+
+
+TOKEN_SELECTIONS: tuple[str, ...] = ("predictor", *SCORES)
+
+
+@dataclass(frozen=True)
+class TokenCacheConfig:
+    """TokenCache: a learned Cache Predictor picks, per block and step, the tokens whose cached output is
+    reused; the others are recomputed. Calibrate a predictor with :func:`tokencache.calibrate`."""
+
+    predictor: Any
+    """A calibrated :class:`tokencache.TokenCachePredictor`."""
+    budget: float | None = None
+    """Mean fraction of tokens taken from the cache on cached steps, in [0, 1); ``None`` uses the budget the
+    predictor was calibrated for."""
+    schedule: TPRR | None = None
+    """Full/cached step schedule; ``None`` uses the one the predictor was calibrated with."""
+    adaptive_blocks: bool = True
+    """Allocate per-block pruning ratios by measured block sensitivity (calibration); False: the same ratio
+    in every block."""
+    token_selection: str = "predictor"
+    """``predictor``, or a ToCa score name (for ablations) that replaces the predictor's ranking."""
+    partial_modules: tuple[str, ...] = ("cross_attn", "mlp")
+    """Module types recomputed on the kept tokens; the others (self-attention) are reused whole on cached
+    steps."""
+    cache_dtype: torch.dtype | None = None
+    """Storage dtype of the caches; ``None`` keeps the model's dtype."""
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        from .predictor import TokenCachePredictor
+
+        if not isinstance(self.predictor, TokenCachePredictor):
+            raise _fail(cls, "predictor", "a TokenCachePredictor (see tokencache.calibrate)", type(self.predictor))
+        if self.budget is not None:
+            check_number(cls, "budget", self.budget, 0.0, 0.99)
+        if self.schedule is not None and not isinstance(self.schedule, TPRR):
+            raise _fail(cls, "schedule", "None or a TPRR", self.schedule)
+        if not isinstance(self.adaptive_blocks, bool):
+            raise _fail(cls, "adaptive_blocks", "True or False", self.adaptive_blocks)
+        if self.token_selection not in TOKEN_SELECTIONS:
+            raise _fail(cls, "token_selection", f"one of {TOKEN_SELECTIONS}", self.token_selection)
+        if (not isinstance(self.partial_modules, tuple) or not self.partial_modules
+                or any(k not in MODULE_KINDS for k in self.partial_modules)):
+            raise _fail(cls, "partial_modules", f"a non-empty tuple of {MODULE_KINDS}", self.partial_modules)
+        check_cache_dtype(cls, self.cache_dtype)
+
+    @property
+    def effective_budget(self) -> float:
+        return self.predictor.calibration["budget"] if self.budget is None else self.budget
+
+    @property
+    def effective_schedule(self) -> TPRR:
+        return self.schedule if self.schedule is not None else TPRR(**self.predictor.calibration["schedule"])
+
+    def block_ratios(self) -> list[float]:
+        """Fraction of tokens reused from the cache in each block on cached steps."""
+        from .predictor import allocate_block_ratios
+
+        num_blocks = self.predictor.num_blocks
+        if not self.adaptive_blocks:
+            return [self.effective_budget] * num_blocks
+        return allocate_block_ratios(self.predictor.calibration["block_sensitivity"], self.effective_budget)
+
+    def validate_model(self, transformer: torch.nn.Module, num_blocks: int, num_tokens: int | None) -> None:
+        self.predictor.check_compatible(transformer, num_blocks, num_tokens)
+
+    def build_policy(self, num_steps: int, num_blocks: int):
+        from .schedule import TokenCachePolicy
+
+        return TokenCachePolicy(self, num_steps, num_blocks)
+
+    def build_selector(self):
+        from .selection import PredictorSelector, ToCaSelector
+
+        if self.token_selection == "predictor":
+            return PredictorSelector(self.predictor)
+        return ToCaSelector(ToCaConfig(score=self.token_selection, frequency_weight=0.0))
+
+
 def config_summary(config: Any) -> dict[str, Any]:
     """A JSON-friendly description of a config (for reports and result files)."""
     out: dict[str, Any] = {"method": type(config).__name__.removesuffix("Config")}

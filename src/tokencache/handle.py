@@ -12,6 +12,7 @@ from torch import nn
 from .engine import CacheEngine, RunRecord
 from .hooks import MODULE_HOOK, TRANSFORMER_HOOK, HookInstaller, ModuleCacheHook, TransformerHook, is_applied
 from .layouts import find_blocks
+from .plan import default_num_tokens
 from .processors import ScoringAttnProcessor, unsupported_reason
 
 
@@ -149,6 +150,12 @@ def apply(target: Any, config: Any) -> CacheHandle:
         raise RuntimeError(f"a tokencache cache is already applied to this {type(transformer).__name__}; "
                            "call handle.remove() first")
     blocks = find_blocks(transformer)
+    if hasattr(config, "validate_model"):
+        try:
+            num_tokens = default_num_tokens(transformer)
+        except ValueError:
+            num_tokens = None
+        config.validate_model(transformer, len(blocks), num_tokens)
     selector = config.build_selector()
     engine = CacheEngine(config, transformer, blocks, pipeline, selector)
 

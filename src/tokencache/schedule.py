@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .config import FORAConfig, ToCaConfig
+    from .config import FORAConfig, ToCaConfig, TokenCacheConfig
 
 
 class CachePolicy(Protocol):
@@ -81,3 +81,26 @@ class FORAPolicy:
 
     def fresh_ratio(self, step: int, block: int, kind: str) -> float:
         return 0.0
+
+
+class TokenCachePolicy:
+    """TPRR full steps; on cached steps block ``l`` recomputes ``1 - ratio_l`` of the tokens in its partial
+    modules and reuses the other modules whole."""
+
+    def __init__(self, config: TokenCacheConfig, num_steps: int, num_blocks: int) -> None:
+        predictor = config.predictor
+        if num_steps != predictor.num_steps:
+            raise ValueError(f"this TokenCachePredictor was calibrated for {predictor.num_steps} sampling steps; "
+                             f"the run has {num_steps}. Calibrate one for {num_steps} steps")
+        if num_blocks != predictor.num_blocks:
+            raise ValueError(f"this TokenCachePredictor was calibrated for {predictor.num_blocks} blocks; "
+                             f"the model has {num_blocks}")
+        self.config = config
+        self.num_steps = num_steps
+        self.num_blocks = num_blocks
+        self.full_steps = config.effective_schedule.full_steps(num_steps)
+        self.keep = [1.0 - r for r in config.block_ratios()]
+        self.partial = set(config.partial_modules)
+
+    def fresh_ratio(self, step: int, block: int, kind: str) -> float:
+        return self.keep[block] if kind in self.partial else 0.0

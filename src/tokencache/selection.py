@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ToCaConfig
+from .predictor import TokenCachePredictor, token_features
 from .scores import SCORES_FROM_ATTENTION, frequency_term, score_from_raw, spatial_bonus, topk_tokens
 from .state import SlotState, StepContext, StreamState
 
@@ -68,3 +69,33 @@ class ToCaSelector:
         if stream.cfg_shared:
             index = torch.cat([index, index], dim=0)
         return index
+
+
+class PredictorSelector:
+    """TokenCache: keep the tokens with the highest predicted importance, per sample."""
+
+    attention_statistic = None
+
+    def __init__(self, predictor: TokenCachePredictor) -> None:
+        self.predictor = predictor.eval()
+        self.keeps_inputs = predictor.variant == "features"
+        self._position: dict[tuple[int, int], torch.Tensor] = {}
+
+    def reset(self, device: torch.device | None) -> None:
+        self._position = {}
+
+    def select(self, ctx: StepContext, block: int, slot: SlotState, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        p = self.predictor
+        if next(p.parameters()).device != tokens.device:
+            p.to(tokens.device)
+        batch = tokens.shape[0]
+        with torch.no_grad():
+            key = (block, ctx.step)
+            if key not in self._position:  # the position part depends on (block, step) only
+                index = torch.tensor([block], device=tokens.device)
+                self._position[key] = p.position_logits(index, torch.tensor([ctx.step], device=tokens.device))
+            logits = self._position[key].expand(batch, -1)
+            if p.variant == "features":
+                features = token_features(tokens, slot.last_input)
+                logits = logits + (features * p.feature_weight[block]).sum(-1)
+        return topk_tokens(logits, k)
