@@ -99,7 +99,7 @@ class CalibrationConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed."""
-        skip = {"sampler", "checkpoint_dir", "progress", "calls"}
+        skip = {"sampler", "checkpoint_dir", "progress", "calls", "iterations", "checkpoint_every"}
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["schedule"] = dataclasses.asdict(self.schedule)
         out["calls"] = repr(self.calls)

@@ -1,0 +1,201 @@
+"""TokenCache: calibration, the predictor, block allocation, TPRR, persistence."""
+
+import json
+
+import pytest
+import torch
+
+import tokencache as tc
+from tokencache.calibrate import CalibrationConfig, _Relaxation, calibrate, class_calls, record_trajectories
+from tokencache.layouts import find_blocks
+from tokencache.predictor import allocate_block_ratios
+
+from models import tiny_dit, tiny_dit_pipeline, tiny_pixart
+from test_equivalence import dit_kwargs, dit_pipe_run, hand_loop
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    pipe = tiny_dit_pipeline()
+    config = CalibrationConfig(calls=class_calls(10, 2, 3, output_type="np"), num_steps=STEPS, budget=0.5,
+                               iterations=30, schedule=tc.TPRR(2, 1, 0.5), progress=False)
+    return pipe, calibrate(pipe, config)
+
+
+def test_training_reduces_the_loss(calibrated):
+    _, predictor = calibrated
+    c = predictor.calibration
+    assert c["loss_last"] < 0.5 * c["loss_first"]
+    assert len(c["block_sensitivity"]) == 3 and all(s > 0 for s in c["block_sensitivity"])
+    assert sum(c["block_ratios"]) / 3 == pytest.approx(0.5)
+
+
+def test_calibration_leaves_the_model_unchanged(calibrated):
+    pipe, _ = calibrated
+    assert all(p.requires_grad for p in pipe.transformer.parameters())  # restored after calibration
+    fresh = tiny_dit_pipeline()
+    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), fresh.transformer.parameters(),
+                                                 strict=True))
+
+
+def test_inference_flops_equal_plan_and_budget(calibrated):
+    pipe, predictor = calibrated
+    config = tc.TokenCacheConfig(predictor)
+    handle = tc.apply(pipe, config)
+    dit_pipe_run(pipe, steps=STEPS)
+    stats = handle.stats()
+    handle.remove()
+    plan = tc.plan(config, pipe.transformer, STEPS, batch_size=4)
+    assert stats.flops == plan.flops and stats.step_kinds == plan.step_kinds
+    assert stats.step_kinds == tuple("full" if f else "partial" for f in tc.TPRR(2, 1, 0.5).full_steps(STEPS))
+    assert stats.speedup > 1.3
+
+
+def test_all_weights_one_reproduce_the_uncached_output():
+    """Relaxation with w = 1 on every module is the uncached network; so is inference with nothing pruned."""
+    pipe = tiny_dit_pipeline()
+    transformer = pipe.transformer
+    blocks = find_blocks(transformer)
+    runs = record_trajectories(transformer, blocks, lambda i: dit_pipe_run(pipe, steps=4), 1, 4)
+    relax = _Relaxation(blocks, {"self_attn", "mlp"})
+    relax.weight_fn = lambda block, key, tokens, last: torch.ones(tokens.shape[:2])
+    with relax.attached(), torch.no_grad():
+        relax.cache = runs[0][1]
+        record = runs[0][3]
+        out = transformer(*record.args, **record.kwargs).sample
+    assert torch.allclose(out, record.output, atol=1e-6)
+
+    predictor = tc.TokenCachePredictor(3, 16, 6, "features", model=dict(class_name="DiTTransformer2DModel"),
+                                       calibration=dict(budget=0.0, schedule=dict(early_cached_steps=1,
+                                                        late_cached_steps=1, boundary=0.5),
+                                                        block_sensitivity=[1.0, 1.0, 1.0]))
+    reference = dit_pipe_run(pipe, steps=6)
+    handle = tc.apply(pipe, tc.TokenCacheConfig(predictor, partial_modules=("self_attn", "mlp")))
+    cached = dit_pipe_run(pipe, steps=6)
+    assert handle.stats().partial_steps == 3
+    handle.remove()
+    assert torch.allclose(torch.from_numpy(cached), torch.from_numpy(reference), atol=1e-5)
+
+
+def test_save_load_round_trip_is_bitwise(calibrated, tmp_path):
+    _, predictor = calibrated
+    predictor.save_pretrained(tmp_path)
+    loaded = tc.TokenCachePredictor.from_pretrained(tmp_path)
+    assert loaded.config_dict() == predictor.config_dict()
+    for (name, a), (_, b) in zip(predictor.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    meta = json.loads((tmp_path / "predictor.json").read_text())
+    assert meta["model"] == dict(class_name="DiTTransformer2DModel", num_blocks=3, num_tokens=16, num_steps=STEPS)
+
+
+def test_mismatched_model_and_steps_raise(calibrated):
+    _, predictor = calibrated
+    with pytest.raises(ValueError, match="calibrated for another model.*num_blocks"):
+        tc.apply(tiny_dit(num_layers=2), tc.TokenCacheConfig(predictor))
+    with pytest.raises(ValueError, match="class_name"):
+        tc.apply(tiny_pixart(), tc.TokenCacheConfig(predictor))
+    with pytest.raises(ValueError, match="num_tokens"):
+        tc.apply(tiny_dit(sample_size=16), tc.TokenCacheConfig(predictor))
+    transformer = tiny_dit()
+    handle = tc.apply(transformer, tc.TokenCacheConfig(predictor))
+    with pytest.raises(ValueError, match=f"calibrated for {STEPS} sampling steps"):
+        hand_loop(transformer, handle, STEPS + 2, kwargs_fn=dit_kwargs)
+    handle.remove()
+
+
+def test_corrupt_and_truncated_files_raise(calibrated, tmp_path):
+    _, predictor = calibrated
+    predictor.save_pretrained(tmp_path)
+    weights = tmp_path / "predictor.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        tc.TokenCachePredictor.from_pretrained(tmp_path)
+    weights.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        tc.TokenCachePredictor.from_pretrained(tmp_path)
+    weights.write_bytes(data)
+    (tmp_path / "predictor.json").write_text('{"format": "tokencache-predictor", "num_blocks": ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tc.TokenCachePredictor.from_pretrained(tmp_path)
+    config = predictor.config_dict()
+    config["num_tokens"] = 32
+    (tmp_path / "predictor.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match"):
+        tc.TokenCachePredictor.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="predictor.json"):
+        tc.TokenCachePredictor.from_pretrained(tmp_path / "nowhere")
+
+
+def test_calibration_resumes_from_checkpoint(tmp_path):
+    pipe = tiny_dit_pipeline()
+    base = dict(calls=class_calls(10, 2, 2, output_type="np"), num_steps=6, iterations=6, progress=False,
+                schedule=tc.TPRR(1, 1, 0.5), checkpoint_dir=str(tmp_path), checkpoint_every=3)
+    straight = calibrate(pipe, CalibrationConfig(**{**base, "checkpoint_dir": str(tmp_path / "other")}))
+    partial = calibrate(pipe, CalibrationConfig(**{**base, "iterations": 3}))  # stops after 3 of them
+    assert partial.calibration["iterations"] == 3
+    with pytest.raises(ValueError, match="other calibration settings"):
+        calibrate(pipe, CalibrationConfig(**{**base, "budget": 0.3}))
+    (tmp_path / "calibration-checkpoint.pt").unlink()
+    calibrate(pipe, CalibrationConfig(**{**base, "iterations": 3}))
+    resumed = calibrate(pipe, CalibrationConfig(**base))
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_block_allocation_and_tprr():
+    ratios = allocate_block_ratios([1.0, 2.0, 4.0], 0.35)
+    assert sum(ratios) / 3 == pytest.approx(0.35)
+    assert ratios[0] > ratios[1] > ratios[2] and ratios[0] == pytest.approx(2 * ratios[1])
+    capped = allocate_block_ratios([0.01, 1.0, 1.0], 0.6, max_ratio=0.9)
+    assert capped[0] == 0.9 and sum(capped) / 3 == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="budget"):
+        allocate_block_ratios([1.0], 0.99)
+    full = tc.TPRR(early_cached_steps=3, late_cached_steps=1, boundary=0.5).full_steps(12)
+    assert [i for i, f in enumerate(full) if f] == [0, 4, 8, 10]
+    assert [i for i, f in enumerate(tc.TPRR(2, 2, 0.5).full_steps(9)) if f] == [0, 3, 6]
+
+
+def test_config_validation(calibrated):
+    _, predictor = calibrated
+    with pytest.raises(ValueError, match="predictor"):
+        tc.TokenCacheConfig(predictor=None)
+    with pytest.raises(ValueError, match="budget"):
+        tc.TokenCacheConfig(predictor, budget=1.0)
+    with pytest.raises(ValueError, match="token_selection"):
+        tc.TokenCacheConfig(predictor, token_selection="psychic")
+    with pytest.raises(ValueError, match="partial_modules"):
+        tc.TokenCacheConfig(predictor, partial_modules=("mlp", "conv"))
+    with pytest.raises(ValueError, match="early_cached_steps"):
+        tc.TPRR(early_cached_steps=-1)
+    with pytest.raises(ValueError, match="boundary"):
+        tc.TPRR(boundary=1.5)
+    with pytest.raises(ValueError, match="variant"):
+        CalibrationConfig(variant="attention")
+    with pytest.raises(ValueError, match="calls"):
+        calibrate(tiny_dit_pipeline(), CalibrationConfig())
+    with pytest.raises(ValueError, match="sampler"):
+        calibrate(tiny_dit(), CalibrationConfig())
+
+
+def test_predictor_cost_is_under_two_percent_of_a_forward():
+    """On the demo model's shape (64 tokens, 6 blocks of width 128), per block and call."""
+    from diffusers import DiTTransformer2DModel
+
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=1,
+                                      num_layers=6, sample_size=16, patch_size=2, num_embeds_ada_norm=10)
+    full_forward = tc.plan(tc.FORAConfig(interval=1), model, 1, batch_size=2).flops
+    predictor = tc.TokenCachePredictor(6, 64, 50, "features")
+    per_step = 6 * 2 * predictor.flops_per_call(2)  # every block, both partial modules
+    assert per_step < 0.02 * full_forward
+
+
+def test_ablation_selection_uses_toca_scores(calibrated):
+    pipe, predictor = calibrated
+    handle = tc.apply(pipe, tc.TokenCacheConfig(predictor, token_selection="random", adaptive_blocks=False))
+    dit_pipe_run(pipe, steps=STEPS)
+    assert handle.stats().partial_steps > 0
+    handle.remove()
