@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import sampling
 from .plan import DEFAULT_CONTEXT_TOKENS, plan
 from .presets import preset, presets
 from .shapes import MODEL_SHAPES, build_transformer
@@ -23,6 +24,44 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name, description in presets().items():
         print(f"{name:<14} {description}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.runner import run_demo
+
+    run_demo(args.out, quick=args.quick, samples=args.samples, repeats=args.repeats, ddpm=not args.no_ddpm,
+             guidance=args.guidance)
+    return 0
+
+
+def _cmd_train_demo(args: argparse.Namespace) -> int:
+    from .demo.train import train_classifier, train_demo
+
+    train_demo(args.out, steps=args.steps, seed=args.seed)
+    if not args.skip_classifier:
+        train_classifier(args.out, epochs=args.classifier_epochs, seed=args.seed)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationConfig, calibrate, class_calls
+    from .config import TPRR
+    from .demo import load_model, load_pipeline_from
+
+    pipe = load_model() if args.model == "demo" else load_pipeline_from(args.model)
+    k1, k2, boundary = args.tprr
+    config = CalibrationConfig(
+        calls=class_calls(args.num_classes, args.per_call, args.runs, seed=args.seed), num_steps=args.steps,
+        budget=args.budget, schedule=TPRR(int(k1), int(k2), boundary), variant=args.variant,
+        adaptive_blocks=not args.uniform_blocks, iterations=args.iterations, seed=args.seed,
+        checkpoint_dir=args.out)
+    predictor = calibrate(pipe, config)
+    predictor.save_pretrained(args.out)
+    c = predictor.calibration
+    print(f"saved {args.out}: budget {c['budget']}, block ratios {[round(r, 3) for r in c['block_ratios']]}, "
+          f"held-out error {c['holdout_error_trained']:.4g} (untrained {c['holdout_error_untrained']:.4g}, "
+          f"random tokens {c['holdout_error_random']:.4g})")
     return 0
 
 
@@ -44,6 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("demo", help="compare every method on the shipped digits model (table and pictures)")
+    p.add_argument("--out", default="tokencache-demo", help="output folder (default ./tokencache-demo)")
+    p.add_argument("--quick", action="store_true", help="20 samples, DDIM only, a few methods (< 1 minute)")
+    p.add_argument("--samples", type=int, default=None, help="samples per method, a multiple of 10 (default 100)")
+    p.add_argument("--repeats", type=int, default=1, help="timing repeats, interleaved (default 1)")
+    p.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-250 rows")
+    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train-demo", help="train the digits DiT (and its classifier) from scratch")
+    p.add_argument("--out", required=True, help="output folder (transformer/, scheduler/, classifier)")
+    p.add_argument("--steps", type=int, default=4000, help="training steps (default 4000, as shipped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-classifier", action="store_true", help="train only the diffusion model")
+    p.add_argument("--classifier-epochs", type=int, default=30)
+    p.set_defaults(func=_cmd_train_demo)
+
+    p = sub.add_parser("calibrate", help="calibrate a TokenCache predictor for a class-conditional model")
+    p.add_argument("--model", default="demo", help="'demo' or a folder with transformer/ and scheduler/")
+    p.add_argument("--out", required=True, help="folder for predictor.safetensors/.json (and a checkpoint)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps to calibrate for (default 50)")
+    p.add_argument("--budget", type=float, default=0.6, help="mean fraction of tokens reused on cached steps")
+    p.add_argument("--tprr", type=float, nargs=3, default=(5, 2, 0.5), metavar=("K1", "K2", "BOUNDARY"),
+                   help="cached steps per full step early / late, and the phase boundary (default 5 2 0.5)")
+    p.add_argument("--variant", choices=["features", "position"], default="features")
+    p.add_argument("--uniform-blocks", action="store_true", help="no adaptive block selection")
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--runs", type=int, default=4, help="pipeline calls sampling trajectories (default 4)")
+    p.add_argument("--per-call", type=int, default=16, help="trajectories per call (default 16)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_calibrate)
+
+    sampling.register(sub)
     return parser
 
 
@@ -54,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, TypeError) as error:
         parser.exit(2, f"tokencache {args.command}: error: {error}\n")
+    except sampling.SampleFolderError as error:
+        parser.exit(1, f"tokencache {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

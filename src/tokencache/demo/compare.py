@@ -1,0 +1,224 @@
+"""Side-by-side comparison of caching methods on the shipped digits model (``tokencache demo`` and
+``benchmarks/frontier.py``): the same seeds and classes for every method, fidelity against the uncached run
+of the same sampler, distribution quality against held-out real digits, and cost (FLOPs and wall-clock,
+interleaved with the uncached run, median of repeats)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from ..handle import apply
+from ..metrics import class_accuracy, frechet_distance, psnr, ssim
+from .data import load_digits_split
+
+# A peer cache is applied by a function returning its remover (diffusers hooks, cache-dit, ...).
+Attach = Callable[[Any], Callable[[], None]]
+
+
+@dataclass
+class Method:
+    """One row of the comparison."""
+
+    name: str
+    family: str
+    """Curve of the trade-off plot: ``no cache``, ``ToCa``, ``FORA``, ``TokenCache``, ``fewer steps``, a peer."""
+    sampler: str = "ddim"
+    """``ddim`` or ``ddpm``: the reference is the uncached run of this sampler at ``reference_steps``."""
+    steps: int = 50
+    config: Any | None = None
+    """A tokencache config, applied with ``tc.apply``."""
+    attach: Attach | None = None
+    """Or a peer's own way to attach a cache."""
+    unavailable: str | None = None
+    """Why the method cannot run on this model (recorded instead of dropping the row)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scheduler_for(pipe: Any, sampler: str) -> Any:
+    base = pipe.scheduler.config
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(base)
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(base)
+    raise ValueError(f"sampler must be 'ddim' or 'ddpm'; got {sampler!r}")
+
+
+def _sample(pipe: Any, labels: list[int], steps: int, seed: int, guidance: float) -> tuple[torch.Tensor, float]:
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        images = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generator).images
+    return images, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _attached(pipe: Any, method: Method):
+    handle = remover = None
+    if method.config is not None:
+        handle = apply(pipe, method.config)
+    elif method.attach is not None:
+        remover = method.attach(pipe)
+    try:
+        yield handle
+    finally:
+        if handle is not None:
+            handle.remove()
+        if remover is not None:
+            remover()
+
+
+def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[int], seed: int = 0,
+            guidance: float = 1.5, repeats: int = 3, reference_steps: dict[str, int] | None = None,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Run every method on the same classes and seed; returns one record per method."""
+    reference_steps = reference_steps or {"ddim": 50, "ddpm": 250}
+    real, _ = load_digits_split("heldout")
+    original_scheduler = pipe.scheduler
+    references: dict[str, dict[str, Any]] = {}
+    records = []
+    bar = tqdm(total=len(methods), desc="methods", disable=not progress)
+    try:
+        for method in methods:
+            bar.set_postfix_str(method.name)
+            record: dict[str, Any] = dict(method=method.name, family=method.family, sampler=method.sampler,
+                                          steps=method.steps, **method.extra)
+            if method.unavailable:
+                records.append({**record, "unavailable": method.unavailable})
+                bar.update()
+                continue
+            pipe.scheduler = scheduler_for(pipe, method.sampler)
+            ref_steps = reference_steps[method.sampler]
+            if method.sampler not in references:
+                images, _ = _sample(pipe, labels, ref_steps, seed, guidance)
+                references[method.sampler] = dict(images=images, flops=uncached_flops(pipe, ref_steps, labels,
+                                                                                      guidance))
+            ref = references[method.sampler]
+            # Cost: interleave the uncached reference and this method, median of per-repeat ratios.
+            ratios, seconds = [], []
+            images = stats = None
+            for _ in range(repeats):
+                _, ref_seconds = _sample(pipe, labels, ref_steps, seed, guidance)
+                with _attached(pipe, method) as handle:
+                    images, method_seconds = _sample(pipe, labels, method.steps, seed, guidance)
+                    stats = handle.stats() if handle is not None else None
+                ratios.append(ref_seconds / method_seconds)
+                seconds.append(method_seconds)
+            if stats is not None:
+                flops = stats.flops
+                record.update(full_steps=stats.full_steps, partial_steps=stats.partial_steps,
+                              reuse_steps=stats.reuse_steps, cache_mib=stats.cache_bytes / 2**20)
+            else:
+                flops = uncached_flops(pipe, method.steps, labels, guidance)
+            record.update(
+                flops_speedup=ref["flops"] / flops if method.attach is None else None,
+                measured_speedup=statistics.median(ratios),
+                seconds=statistics.median(seconds),
+                psnr=psnr(images, ref["images"]),
+                ssim=ssim(images, ref["images"]),
+                fd=frechet_distance(images, real, classifier),
+                accuracy=class_accuracy(images, labels, classifier),
+            )
+            record["images"] = images
+            records.append(record)
+            bar.update()
+    finally:
+        pipe.scheduler = original_scheduler
+        bar.close()
+    return records
+
+
+def uncached_flops(pipe: Any, steps: int, labels: list[int], guidance: float) -> int:
+    """FLOPs of an uncached run (the plan of a schedule with a full step every step)."""
+    from ..config import FORAConfig
+    from ..plan import plan
+
+    batch = len(labels) * (2 if guidance > 1 else 1)
+    return plan(FORAConfig(interval=1), pipe.transformer, steps, batch_size=batch).flops
+
+
+def to_json(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records without images; infinite PSNR (identical to the reference) is written as the string "inf"."""
+    out = []
+    for r in records:
+        clean = {k: v for k, v in r.items() if k != "images"}
+        if isinstance(clean.get("psnr"), float) and math.isinf(clean["psnr"]):
+            clean["psnr"] = "inf"
+        out.append(clean)
+    return out
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    header = ("| method | sampler | FLOPs speed-up | measured speed-up | PSNR vs full (dB) | SSIM | FD | accuracy |\n"
+              "|---|---|---|---|---|---|---|---|")
+    lines = [header]
+    for r in records:
+        if "unavailable" in r:
+            lines.append(f"| {r['method']} | {r['sampler']} | n/a: {r['unavailable']} | | | | | |")
+            continue
+        flops = "-" if r["flops_speedup"] is None else f"{r['flops_speedup']:.2f}x"
+        value = r["psnr"]
+        psnr_text = "inf (identical)" if math.isinf(value) else f"{value:.1f}"
+        lines.append(f"| {r['method']} | {r['sampler']}-{r['steps']} | {flops} | {r['measured_speedup']:.2f}x | "
+                     f"{psnr_text} | {r['ssim']:.3f} | {r['fd']:.2f} | {r['accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
+def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any], columns: int = 10) -> None:
+    """``results.json``, ``samples.png`` (one row per method, same seeds) and ``tradeoff.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, records=to_json(records)), indent=2))
+
+    shown = [r for r in records if "images" in r]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(columns * 0.8, len(shown) * 0.95), squeeze=False)
+    for ax, r in zip(axes[:, 0], shown, strict=True):
+        images = ((r["images"][:columns].clamp(-1, 1) + 1) / 2)[:, 0]
+        strip = torch.cat(list(images), dim=1).numpy()
+        ax.imshow(strip, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(r["method"], rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=110)
+    plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    families: dict[str, list[dict[str, Any]]] = {}
+    for r in shown:
+        families.setdefault(f"{r['family']} ({r['sampler']})", []).append(r)
+    for name, rows in families.items():
+        rows = sorted(rows, key=lambda r: r["measured_speedup"])
+        xs = [r["measured_speedup"] for r in rows]
+        finite = [r["psnr"] if not math.isinf(r["psnr"]) else None for r in rows]
+        left.plot(xs, [60.0 if v is None else v for v in finite], "o-", label=name)
+        right.plot(xs, [r["fd"] for r in rows], "o-", label=name)
+        for r in rows:
+            right.annotate(r["method"], (r["measured_speedup"], r["fd"]), fontsize=6, alpha=0.7)
+    left.set_xlabel("measured speed-up vs uncached (same sampler)")
+    left.set_ylabel("PSNR vs uncached (dB; identical plotted at 60)")
+    right.set_xlabel("measured speed-up vs uncached (same sampler)")
+    right.set_ylabel("FD to held-out digits (lower is better)")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    right.grid(alpha=0.3)
+    fig.suptitle(meta.get("title", "quality against speed"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=110)
+    plt.close(fig)

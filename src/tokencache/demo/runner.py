@@ -1,0 +1,65 @@
+"""``tokencache demo``: every method on the shipped digits model, side by side."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import FORAConfig, ToCaConfig, TokenCacheConfig
+from . import assets_dir, load_classifier, load_model
+from .compare import Method, compare, format_table, write_outputs
+
+PREDICTOR_FOLDER = "tokencache-predictor"
+
+
+def shipped_predictor():
+    """The TokenCache predictor calibrated for the shipped model, or None if the package has none."""
+    from ..predictor import TokenCachePredictor
+
+    folder = assets_dir() / PREDICTOR_FOLDER
+    return TokenCachePredictor.from_pretrained(folder) if folder.is_dir() else None
+
+
+def demo_methods(quick: bool, ddpm: bool) -> list[Method]:
+    toca = ToCaConfig.preset("dit-ddim50")
+    methods = [
+        Method("no cache (DDIM-50)", "no cache"),
+        Method("FORA N=3", "FORA", config=FORAConfig(interval=3)),
+    ]
+    intervals = (4,) if quick else (3, 4, 6)
+    methods += [Method(f"ToCa N={n}", "ToCa", config=ToCaConfig(**{**toca.__dict__, "full_step_interval": n}))
+                for n in intervals]
+    predictor = shipped_predictor()
+    if predictor is not None:
+        methods.append(Method("TokenCache", "TokenCache", config=TokenCacheConfig(predictor)))
+    if not quick:
+        methods.append(Method("DDIM-20 (fewer steps)", "fewer steps", steps=20))
+    if ddpm and not quick:
+        methods += [
+            Method("no cache (DDPM-250)", "no cache", sampler="ddpm", steps=250),
+            Method("ToCa dit-ddpm250 (N=4)", "ToCa", sampler="ddpm", steps=250,
+                   config=ToCaConfig.preset("dit-ddpm250")),
+        ]
+    return methods
+
+
+def run_demo(out: str | Path, quick: bool = False, samples: int | None = None, repeats: int = 1,
+             ddpm: bool = True, guidance: float = 1.5, seed: int = 0) -> list[dict[str, Any]]:
+    samples = samples or (20 if quick else 100)
+    if samples < 10 or samples % 10:
+        raise ValueError(f"samples must be a positive multiple of 10 (one per class); got {samples}")
+    pipe, classifier = load_model(), load_classifier()
+    labels = list(range(10)) * (samples // 10)
+    methods = demo_methods(quick, ddpm)
+    records = compare(pipe, classifier, methods, labels, seed=seed, guidance=guidance, repeats=repeats)
+    meta = dict(title=f"shipped digits DiT, {samples} samples, guidance {guidance}", samples=samples, seed=seed,
+                guidance=guidance, repeats=repeats, quick=quick, date=datetime.date.today().isoformat(),
+                device=f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    write_outputs(records, Path(out), meta)
+    print(format_table(records))
+    print(f"\nwrote {Path(out) / 'results.json'}, samples.png, tradeoff.png")
+    return records
