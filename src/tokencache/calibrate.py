@@ -63,7 +63,7 @@ class CalibrationConfig:
     """(trajectory, cached step) pairs per optimizer step."""
     learning_rate: float = 1e-2
     budget_weight: float = 10.0
-    """Weight of the budget term."""
+    """Weight of the budget term (the output error term is normalised to about 1 at the start)."""
     sensitivity_pairs: int = 16
     """(trajectory, cached step) pairs averaged per block for the sensitivity."""
     hidden: int = 64
@@ -353,9 +353,14 @@ def _train(transformer: nn.Module, blocks: list[BlockEntry], runs: list[list[Ste
 
     def soft_weights(step: int) -> Callable:
         def weight(block: int, key: tuple[int, str], tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-            batch = tokens.shape[0]
+            batch, n = tokens.shape[:2]
             features = token_features(tokens, last) if predictor.variant == "features" else None
-            return predictor(torch.full((batch,), block), torch.full((batch,), step), features)
+            logits = predictor.logits(torch.full((batch,), block), torch.full((batch,), step), features)
+            # Centre the sigmoid on the k-th largest logit (a soft top-k): the weights start near the block's
+            # keep ratio, so the output error shapes the ranking instead of fighting the budget term.
+            k = max(1, fresh_tokens(float(keep[block]), n))
+            threshold = logits.detach().topk(k, dim=-1).values[:, -1:]
+            return torch.sigmoid(logits - threshold)
 
         return weight
 
@@ -384,6 +389,8 @@ def _train(transformer: nn.Module, blocks: list[BlockEntry], runs: list[list[Ste
 
     with relax.attached():
         error_before = holdout_error("predictor")
+        # The output error is divided by the untrained predictor's, so the budget weight is scale-free.
+        error_scale = max(error_before, 1e-12)
         progress = tqdm(range(start, config.iterations), desc="calibrate", disable=not config.progress,
                         initial=start, total=config.iterations)
         for iteration in progress:
@@ -396,7 +403,7 @@ def _train(transformer: nn.Module, blocks: list[BlockEntry], runs: list[list[Ste
                 mean_w = torch.stack([torch.cat([w.mean().reshape(1) for w in relax.weights[b]]).mean()
                                       for b in sorted(relax.weights)])
                 budget = ((mean_w - keep[sorted(relax.weights)]) ** 2).sum()
-                loss = (error + config.budget_weight * budget) / config.pairs_per_iteration
+                loss = (error / error_scale + config.budget_weight * budget) / config.pairs_per_iteration
                 loss.backward()
                 total_loss += float(loss.detach())
             optimizer.step()

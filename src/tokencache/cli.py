@@ -36,11 +36,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .demo.train import train_classifier, train_demo
 
-    train_demo(args.out, steps=args.steps, seed=args.seed)
+    # The shipped model's recipe: stage 1 from scratch, stage 2 a fine-tune with more class dropout (for CFG).
+    out = Path(args.out)
+    stage1 = out / "stage1" if args.finetune_steps else out
+    train_demo(stage1, steps=args.steps, lr=8e-4, seed=args.seed, class_dropout=0.1)
+    if args.finetune_steps:
+        train_demo(out, steps=args.finetune_steps, lr=3e-4, seed=args.seed + 1, warmup_steps=100,
+                   class_dropout=0.25, init_from=stage1)
     if not args.skip_classifier:
-        train_classifier(args.out, epochs=args.classifier_epochs, seed=args.seed)
+        train_classifier(out, epochs=args.classifier_epochs, seed=args.seed)
     return 0
 
 
@@ -95,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-demo", help="train the digits DiT (and its classifier) from scratch")
     p.add_argument("--out", required=True, help="output folder (transformer/, scheduler/, classifier)")
-    p.add_argument("--steps", type=int, default=4000, help="training steps (default 4000, as shipped)")
+    p.add_argument("--steps", type=int, default=4000, help="stage-1 training steps (default 4000, as shipped)")
+    p.add_argument("--finetune-steps", type=int, default=1500,
+                   help="stage-2 fine-tune steps with class dropout 0.25 (default 1500, as shipped; 0 skips it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-classifier", action="store_true", help="train only the diffusion model")
     p.add_argument("--classifier-epochs", type=int, default=30)

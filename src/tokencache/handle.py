@@ -163,14 +163,15 @@ def apply(target: Any, config: Any) -> CacheHandle:
     needs = selector.attention_statistic if selector is not None else None
     if needs is not None:
         kind, statistic = needs
+        score = selector.config.score
         for block in blocks:
             modules = [m for slot, m in block.slots() if slot.kind == kind]
             if not modules:
-                raise ValueError(f"{type(config).__name__}.score {config.score!r} needs a {kind} module, and block "
-                                 f"{block.name!r} ({type(block.module).__name__}) has none; choose another score")
+                raise ValueError(f"score {score!r} needs a {kind} module, and block {block.name!r} "
+                                 f"({type(block.module).__name__}) has none; choose another score")
             reason = unsupported_reason(modules[0])
             if reason is not None:
-                raise ValueError(f"{type(config).__name__}.score {config.score!r}: {reason} ({block.name})")
+                raise ValueError(f"score {score!r}: {reason} ({block.name})")
             scoring.append((block.index, modules[0], statistic))
 
     installer = HookInstaller()
@@ -178,7 +179,8 @@ def apply(target: Any, config: Any) -> CacheHandle:
     for index, attn, statistic in scoring:
         processors.append((attn, attn.processor))
         attn.set_processor(ScoringAttnProcessor(attn.processor, statistic,
-                                                lambda i=index: engine.statistic_sink(i), config.score_chunk_size))
+                                                lambda i=index: engine.statistic_sink(i),
+                                                selector.config.score_chunk_size))
     installer.register(transformer, TransformerHook(engine), TRANSFORMER_HOOK)
     for block in blocks:
         for slot, module in block.slots():

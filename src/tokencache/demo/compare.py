@@ -86,6 +86,7 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
     """Run every method on the same classes and seed; returns one record per method."""
     reference_steps = reference_steps or {"ddim": 50, "ddpm": 250}
     real, _ = load_digits_split("heldout")
+    pipe.set_progress_bar_config(disable=True)
     original_scheduler = pipe.scheduler
     references: dict[str, dict[str, Any]] = {}
     records = []
@@ -222,3 +223,16 @@ def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     fig.tight_layout()
     fig.savefig(out / "tradeoff.png", dpi=110)
     plt.close(fig)
+
+
+def real_data_floor(classifier: Any, labels: list[int], seed: int = 0) -> float:
+    """FD between real training digits with the same classes as ``labels`` and the held-out digits: what
+    a perfect model scores at this sample size (FD is biased upwards for small sets)."""
+    images, classes = load_digits_split("train")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in sorted(set(labels)):
+        pool = (classes == label).nonzero().flatten()
+        chosen += pool[torch.randperm(len(pool), generator=generator)[: labels.count(label)]].tolist()
+    real, _ = load_digits_split("heldout")
+    return frechet_distance(images[chosen], real, classifier)

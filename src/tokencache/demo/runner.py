@@ -11,7 +11,7 @@ import torch
 
 from ..config import FORAConfig, ToCaConfig, TokenCacheConfig
 from . import assets_dir, load_classifier, load_model
-from .compare import Method, compare, format_table, write_outputs
+from .compare import Method, compare, format_table, real_data_floor, write_outputs
 
 PREDICTOR_FOLDER = "tokencache-predictor"
 
@@ -56,10 +56,13 @@ def run_demo(out: str | Path, quick: bool = False, samples: int | None = None, r
     labels = list(range(10)) * (samples // 10)
     methods = demo_methods(quick, ddpm)
     records = compare(pipe, classifier, methods, labels, seed=seed, guidance=guidance, repeats=repeats)
+    floor = real_data_floor(classifier, labels, seed)
     meta = dict(title=f"shipped digits DiT, {samples} samples, guidance {guidance}", samples=samples, seed=seed,
+                fd_real_same_n=floor,
                 guidance=guidance, repeats=repeats, quick=quick, date=datetime.date.today().isoformat(),
                 device=f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     write_outputs(records, Path(out), meta)
     print(format_table(records))
+    print(f"\nFD of {samples} real training digits to the held-out digits (the floor at this sample size): {floor:.2f}")
     print(f"\nwrote {Path(out) / 'results.json'}, samples.png, tradeoff.png")
     return records
