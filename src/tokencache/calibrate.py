@@ -387,23 +387,34 @@ def _train(transformer: nn.Module, blocks: list[BlockEntry], runs: list[list[Ste
                 total += float(_relative_error(_forward(transformer, record), record.output))
         return total / len(holdout)
 
+    def relaxed_loss(pair: tuple[int, int, int], error_scale: float) -> torch.Tensor:
+        r, step, last_full = pair
+        relax.cache, relax.weight_fn, relax.weights = runs[r][last_full], soft_weights(step), {}
+        record = runs[r][step]
+        error = _relative_error(_forward(transformer, record), record.output)
+        mean_w = torch.stack([torch.cat([w.mean().reshape(1) for w in relax.weights[b]]).mean()
+                              for b in sorted(relax.weights)])
+        budget = ((mean_w - keep[sorted(relax.weights)]) ** 2).sum()
+        return error / error_scale + config.budget_weight * budget
+
+    def objective(error_scale: float) -> float:
+        """The training loss on fixed pairs, so that before and after are comparable."""
+        with torch.no_grad():
+            return sum(float(relaxed_loss(p, error_scale)) for p in sensitivity_pairs) / len(sensitivity_pairs)
+
     with relax.attached():
-        error_before = holdout_error("predictor")
-        # The output error is divided by the untrained predictor's, so the budget weight is scale-free.
+        # The output error is divided by the untrained predictor's, so the budget weight is scale-free. A resumed
+        # run reuses the first run's scale and objective: the loaded predictor is no longer the untrained one.
+        error_before = state["error_before"] if state is not None else holdout_error("predictor")
         error_scale = max(error_before, 1e-12)
+        objective_before = state["objective_before"] if state is not None else objective(error_scale)
         progress = tqdm(range(start, config.iterations), desc="calibrate", disable=not config.progress,
                         initial=start, total=config.iterations)
         for iteration in progress:
             optimizer.zero_grad()
             total_loss = 0.0
-            for r, step, last_full in rng.sample(pairs, min(config.pairs_per_iteration, len(pairs))):
-                relax.cache, relax.weight_fn, relax.weights = runs[r][last_full], soft_weights(step), {}
-                record = runs[r][step]
-                error = _relative_error(_forward(transformer, record), record.output)
-                mean_w = torch.stack([torch.cat([w.mean().reshape(1) for w in relax.weights[b]]).mean()
-                                      for b in sorted(relax.weights)])
-                budget = ((mean_w - keep[sorted(relax.weights)]) ** 2).sum()
-                loss = (error / error_scale + config.budget_weight * budget) / config.pairs_per_iteration
+            for pair in rng.sample(pairs, min(config.pairs_per_iteration, len(pairs))):
+                loss = relaxed_loss(pair, error_scale) / config.pairs_per_iteration
                 loss.backward()
                 total_loss += float(loss.detach())
             optimizer.step()
@@ -414,13 +425,16 @@ def _train(transformer: nn.Module, blocks: list[BlockEntry], runs: list[list[Ste
                 tmp = checkpoint.with_suffix(".tmp")
                 torch.save(dict(fingerprint=config.fingerprint(), sensitivity=sensitivity,
                                 predictor=predictor.state_dict(), optimizer=optimizer.state_dict(),
-                                iteration=iteration + 1, losses=losses, rng=rng.getstate()), tmp)
+                                iteration=iteration + 1, losses=losses, rng=rng.getstate(),
+                                error_before=error_before, objective_before=objective_before), tmp)
                 tmp.replace(checkpoint)
+        objective_after = objective(error_scale)
         relax.cache = None
         error_after = holdout_error("predictor")
         error_random = holdout_error("random")
-    history = dict(block_ratios=ratios, iterations=config.iterations, loss_first=losses[0] if losses else None,
-                   loss_last=losses[-1] if losses else None, holdout_error_untrained=error_before,
+    history = dict(block_ratios=ratios, iterations=config.iterations, losses=[round(x, 6) for x in losses],
+                   objective_before=objective_before, objective_after=objective_after,
+                   holdout_error_untrained=error_before,
                    holdout_error_trained=error_after, holdout_error_random=error_random)
     return predictor, sensitivity, history
 
