@@ -1,6 +1,6 @@
 """Quality against speed on the shipped digits DiT: tokencache's methods, fewer sampling steps and peer caches.
 
-Every method runs on the same classes and seed (100 samples, 10 per class, guidance 1.5) through
+Every method runs on the same classes and seed (100 samples, 10 per class, the shipped model's guidance) through
 :func:`tokencache.demo.compare.compare`: FLOPs speed-up (tokencache's plan; none for peers), measured speed-up
 (interleaved with the uncached run of the same sampler), PSNR/SSIM against that uncached run, FD against
 held-out real digits and class accuracy (the shipped classifier).
@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 import tokencache as tc
-from tokencache.demo import assets_dir, load_classifier, load_model
+from tokencache.demo import DEFAULT_GUIDANCE, assets_dir, load_classifier, load_model
 from tokencache.demo.compare import Method, compare, scheduler_for, to_json
 from tokencache.demo.runner import PREDICTOR_FOLDER, shipped_predictor
 
@@ -379,7 +379,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="keep only methods whose name matches this regex")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance", type=float, default=1.5)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--x", choices=("cpu", "wall"), default="cpu",
                         help="speed-up on the plot's x axis: CPU time (default) or wall clock")
     parser.add_argument("--replot", action="store_true", help="rewrite .md and .png from the stem's .json")

@@ -28,10 +28,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_GUIDANCE
     from .demo.runner import run_demo
 
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     run_demo(args.out, quick=args.quick, samples=args.samples, repeats=args.repeats, ddpm=not args.no_ddpm,
-             guidance=args.guidance)
+             guidance=guidance)
     return 0
 
 
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None, help="samples per method, a multiple of 10 (default 100)")
     p.add_argument("--repeats", type=int, default=1, help="timing repeats, interleaved (default 1)")
     p.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-250 rows")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default 1.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the shipped model's, see quality.json)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train-demo", help="train the digits DiT (and its classifier) from scratch")

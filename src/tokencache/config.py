@@ -276,8 +276,9 @@ class TokenCacheConfig:
     adaptive_blocks: bool = True
     """Allocate per-block pruning ratios by measured block sensitivity (calibration); False: the same ratio
     in every block."""
-    token_selection: str = "predictor"
-    """``predictor``, or a ToCa score name (for ablations) that replaces the predictor's ranking."""
+    token_selection: str | None = None
+    """``predictor``, or a ToCa score name that replaces the predictor's ranking; ``None`` uses the ranking the
+    calibration recorded as the winner (``calibration["token_selection"]``, else ``predictor``)."""
     partial_modules: tuple[str, ...] = ("cross_attn", "mlp")
     """Module types recomputed on the kept tokens; the others (self-attention) are reused whole on cached
     steps."""
@@ -296,8 +297,8 @@ class TokenCacheConfig:
             raise _fail(cls, "schedule", "None or a TPRR", self.schedule)
         if not isinstance(self.adaptive_blocks, bool):
             raise _fail(cls, "adaptive_blocks", "True or False", self.adaptive_blocks)
-        if self.token_selection not in TOKEN_SELECTIONS:
-            raise _fail(cls, "token_selection", f"one of {TOKEN_SELECTIONS}", self.token_selection)
+        if self.token_selection is not None and self.token_selection not in TOKEN_SELECTIONS:
+            raise _fail(cls, "token_selection", f"None or one of {TOKEN_SELECTIONS}", self.token_selection)
         if (not isinstance(self.partial_modules, tuple) or not self.partial_modules
                 or any(k not in MODULE_KINDS for k in self.partial_modules)):
             raise _fail(cls, "partial_modules", f"a non-empty tuple of {MODULE_KINDS}", self.partial_modules)
@@ -310,6 +311,12 @@ class TokenCacheConfig:
     @property
     def effective_schedule(self) -> TPRR:
         return self.schedule if self.schedule is not None else TPRR(**self.predictor.calibration["schedule"])
+
+    @property
+    def effective_token_selection(self) -> str:
+        if self.token_selection is not None:
+            return self.token_selection
+        return self.predictor.calibration.get("token_selection", "predictor")
 
     def block_ratios(self) -> list[float]:
         """Fraction of tokens reused from the cache in each block on cached steps."""
@@ -331,9 +338,10 @@ class TokenCacheConfig:
     def build_selector(self):
         from .selection import PredictorSelector, ToCaSelector
 
-        if self.token_selection == "predictor":
+        selection = self.effective_token_selection
+        if selection == "predictor":
             return PredictorSelector(self.predictor)
-        return ToCaSelector(ToCaConfig(score=self.token_selection, frequency_weight=0.0))
+        return ToCaSelector(ToCaConfig(score=selection, frequency_weight=0.0))
 
 
 def config_summary(config: Any) -> dict[str, Any]:

@@ -17,9 +17,10 @@ import torch
 
 from .classifier import DigitClassifier, load_classifier_from
 from .data import load_digits_all, load_digits_split, real_halves
-from .pipeline import DigitsPipeline, DigitsPipelineOutput, to_unit_range
+from .pipeline import DEFAULT_GUIDANCE, DigitsPipeline, DigitsPipelineOutput, to_unit_range
 
 __all__ = [
+    "DEFAULT_GUIDANCE",
     "DigitClassifier",
     "DigitsPipeline",
     "DigitsPipelineOutput",

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..handle import apply
 from ..metrics import class_accuracy, frechet_distance, psnr, ssim
 from .data import load_digits_split
+from .pipeline import DEFAULT_GUIDANCE
 
 # A peer cache is applied by a function returning its remover (diffusers hooks, cache-dit, ...).
 Attach = Callable[[Any], Callable[[], None]]
@@ -81,7 +82,7 @@ def _attached(pipe: Any, method: Method):
 
 
 def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[int], seed: int = 0,
-            guidance: float = 1.5, repeats: int = 3, reference_steps: dict[str, int] | None = None,
+            guidance: float = DEFAULT_GUIDANCE, repeats: int = 3, reference_steps: dict[str, int] | None = None,
             progress: bool = True) -> list[dict[str, Any]]:
     """Run every method on the same classes and seed; returns one record per method."""
     reference_steps = reference_steps or {"ddim": 50, "ddpm": 250}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..config import FORAConfig, ToCaConfig, TokenCacheConfig
-from . import assets_dir, load_classifier, load_model
+from . import DEFAULT_GUIDANCE, assets_dir, load_classifier, load_model
 from .compare import Method, compare, format_table, real_data_floor, write_outputs
 
 PREDICTOR_FOLDER = "tokencache-predictor"
@@ -48,7 +48,7 @@ def demo_methods(quick: bool, ddpm: bool) -> list[Method]:
 
 
 def run_demo(out: str | Path, quick: bool = False, samples: int | None = None, repeats: int = 1,
-             ddpm: bool = True, guidance: float = 1.5, seed: int = 0) -> list[dict[str, Any]]:
+             ddpm: bool = True, guidance: float = DEFAULT_GUIDANCE, seed: int = 0) -> list[dict[str, Any]]:
     samples = samples or (20 if quick else 100)
     if samples < 10 or samples % 10:
         raise ValueError(f"samples must be a positive multiple of 10 (one per class); got {samples}")
