@@ -46,6 +46,28 @@ SETTINGS = {
 }
 SETTINGS["pixart-alpha-512"] = SETTINGS["pixart-alpha-256"]
 TEXT_TOKENS = 120
+# TokenCache is timed with the shipped model's calibrated schedule, budget and ranking, on an uncalibrated
+# predictor of the timed model's shape: what it costs does not depend on the predictor's weights.
+TOKENCACHE_DEFAULTS = dict(budget=0.8, schedule=dict(early_cached_steps=3, late_cached_steps=2, boundary=0.5),
+                           token_selection="predictor")
+
+
+def tokencache_config(transformer: torch.nn.Module, steps: int) -> tuple[str, tc.TokenCacheConfig]:
+    from tokencache.demo.runner import shipped_predictor
+    from tokencache.layouts import find_blocks
+
+    shipped = shipped_predictor()
+    calibration = {k: shipped.calibration[k] for k in TOKENCACHE_DEFAULTS} if shipped else dict(TOKENCACHE_DEFAULTS)
+    num_blocks = len(find_blocks(transformer))
+    patch = transformer.config.patch_size
+    tokens = (transformer.config.sample_size // patch) ** 2
+    predictor = tc.TokenCachePredictor(num_blocks, tokens, steps, "features",
+                                       model=dict(class_name=type(transformer).__name__),
+                                       calibration=dict(calibration, block_sensitivity=[1.0] * num_blocks))
+    s = calibration["schedule"]
+    name = (f"TokenCache TPRR({s['early_cached_steps']},{s['late_cached_steps']},{s['boundary']}) "
+            f"budget {calibration['budget']:.2f} ({calibration['token_selection']})")
+    return name, tc.TokenCacheConfig(predictor)
 
 
 class PeakMemory:
@@ -132,7 +154,8 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
     inputs = make_inputs(model_name, transformer, device, dtype)
     sample(transformer, scheduler, min(steps, 3), inputs)  # warm-up (allocator, kernels)
 
-    methods = {"no cache": None, **setting["methods"]}
+    tokencache_name, tokencache = tokencache_config(transformer, steps)
+    methods = {"no cache": None, **setting["methods"], tokencache_name: tokencache}
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     peaks: dict[str, list[int]] = {m: [] for m in methods}
     extra: dict[str, dict] = {}
@@ -153,7 +176,9 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
     progress.close()
 
     if device.type == "cuda":  # the overhead split needs device syncs: one extra run per method
-        for name, config in setting["methods"].items():
+        for name, config in methods.items():
+            if config is None:
+                continue
             handle = tc.apply(transformer, config)
             handle.timing(True)
             sample(transformer, scheduler, steps, inputs, handle)

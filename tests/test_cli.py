@@ -36,3 +36,13 @@ def test_plan_command_errors(capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "tokencache.cli", "presets"], capture_output=True, text=True)
     assert result.returncode == 0 and "dit-ddim50" in result.stdout
+
+
+def test_demo_without_the_demo_extra_names_it():
+    """A fresh interpreter where scikit-learn cannot be imported: the demo says which extra to install."""
+    code = ("import sys; sys.modules['sklearn'] = None\n"
+            "from tokencache.cli import main\n"
+            "main(['demo', '--quick', '--out', 'unused'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'tokencache[demo]'" in result.stderr and "'sklearn'" in result.stderr

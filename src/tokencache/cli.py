@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-250 rows")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the shipped model's, see quality.json)")
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_demo, needs_demo_extra=True)
 
     p = sub.add_parser("train-demo", help="train the digits DiT (and its classifier) from scratch")
     p.add_argument("--out", required=True, help="output folder (transformer/, scheduler/, classifier)")
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-classifier", action="store_true", help="train only the diffusion model")
     p.add_argument("--classifier-epochs", type=int, default=30)
-    p.set_defaults(func=_cmd_train_demo)
+    p.set_defaults(func=_cmd_train_demo, needs_demo_extra=True)
 
     p = sub.add_parser("calibrate", help="calibrate a TokenCache predictor for a class-conditional model")
     p.add_argument("--model", default="demo", help="'demo' or a folder with transformer/ and scheduler/")
@@ -134,13 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Imported by the demo, calibration and evaluation commands; installed by the ``demo`` extra.
+OPTIONAL_MODULES = ("sklearn", "torchmetrics", "scipy", "matplotlib")
+
+
+def _missing_demo_extra(error: ModuleNotFoundError) -> str:
+    return (f"it needs {error.name!r}, which comes with the demo extra: pip install 'tokencache[demo]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "needs_demo_extra", False):  # say so before any work starts
+        for name in OPTIONAL_MODULES:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as error:
+                parser.exit(2, f"tokencache {args.command}: error: {_missing_demo_extra(error)}\n")
     try:
         return args.func(args)
     except (ValueError, TypeError) as error:
         parser.exit(2, f"tokencache {args.command}: error: {error}\n")
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in OPTIONAL_MODULES:
+            raise
+        parser.exit(2, f"tokencache {args.command}: error: {_missing_demo_extra(error)}\n")
     except sampling.SampleFolderError as error:
         parser.exit(1, f"tokencache {args.command}: error: {error}\n")
 
