@@ -15,11 +15,11 @@ held-out real digits and class accuracy (the shipped classifier).
 * DDPM (reference DDPM-250): ToCa ``dit-ddpm250`` at N = 3, 4, 6, fewer steps (DDPM 50, 100, 150); peers too
   with ``--ddpm-peers``.
 
-    python benchmarks/frontier.py            # the full sweep (about 70 min on 1 CPU thread)
+    python benchmarks/frontier.py            # the full sweep (about an hour on 1 CPU thread)
     python benchmarks/frontier.py --quick    # a short version: few methods, 20 samples, DDIM only, repeats 1
 
-Options: ``--samples N`` (a multiple of 10), ``--repeats R`` (default 1: the full sweep takes over an hour on
-one thread, so each measured speed-up is one interleaved pair of runs), ``--no-ddpm``, ``--no-peers``,
+Options: ``--samples N`` (a multiple of 10), ``--repeats R`` (interleaved timing rounds, default 2: each round
+is the uncached run then every method once, per sampler), ``--no-ddpm``, ``--no-peers``,
 ``--ddpm-peers``, ``--only REGEX`` (methods whose name matches), ``--threads`` (default 1), ``--seed``,
 ``--guidance``, ``--out STEM``, ``--x cpu|wall`` (the plot's speed-up axis), ``--replot`` (rewrite the table and
 plot from the saved JSON). Writes ``benchmarks/results/<stem>.json`` (all records), ``.md`` (the table, with
@@ -27,9 +27,9 @@ device and date) and ``.png`` (PSNR and FD against measured speed-up, one curve 
 is ``frontier`` (``frontier-quick`` with ``--quick``). The peers need the ``bench`` extra (``cache-dit``); without
 it their rows are recorded as unavailable.
 
-Besides compare's wall-clock speed-up, every record gets a CPU-time speed-up: the process CPU time of the same
-two runs' denoising loops. With one torch thread it barely depends on what else runs on the machine, so on a
-shared machine it is the steadier number; the plot uses it (``--x wall`` for the wall clock).
+Besides the wall-clock speed-up, compare records a CPU-time speed-up: the same ratio for the process CPU time of
+the same runs. With one torch thread it barely depends on what else runs on the machine, so on a shared machine
+it is the steadier number; the plot uses it (``--x wall`` for the wall clock).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import json
 import math
 import platform
 import re
-import statistics
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -117,42 +116,6 @@ def tokencache_methods(quick: bool, ddpm: bool) -> list[Method]:
                            extra=dict(score="attention", interval=n)) for n in TOCA_INTERVALS]
         methods += [Method(f"DDPM-{s} (fewer steps)", "fewer steps", sampler="ddpm", steps=s) for s in DDPM_STEPS]
     return methods
-
-
-class LoopTimer:
-    """CPU time (``time.process_time``) of every denoising loop ``pipe`` runs, taken around the iteration of
-    its timesteps (``pipe.progress_bar``). They are the very runs :func:`compare` times by wall clock; with one
-    torch thread their CPU time barely depends on what else the machine is running."""
-
-    def __init__(self, pipe: Any) -> None:
-        self.seconds: list[float] = []
-        original = pipe.progress_bar
-
-        def progress_bar(iterable: Any = None, total: int | None = None) -> Any:
-            start = time.process_time()
-            yield from original(iterable=iterable, total=total)
-            self.seconds.append(time.process_time() - start)
-
-        pipe.progress_bar = progress_bar
-
-
-def add_cpu_speedups(methods: list[Method], records: list[dict[str, Any]], runs: list[float], repeats: int) -> bool:
-    """Pair the timed runs with the records as :func:`compare` makes them (per sampler one reference run, then per
-    method and repeat the uncached run and the method's run); adds ``cpu_speedup`` (median of per-repeat
-    ratios) and ``cpu_seconds``. Returns False, adding nothing, if the number of runs does not fit."""
-    runnable = [(m, r) for m, r in zip(methods, records, strict=True) if "unavailable" not in r]
-    if len(runs) != len({m.sampler for m, _ in runnable}) + 2 * repeats * len(runnable):
-        print(f"warning: {len(runs)} timed runs do not match the records; no CPU-time speed-up", file=sys.stderr)
-        return False
-    it, seen = iter(runs), set()
-    for method, record in runnable:
-        if method.sampler not in seen:
-            seen.add(method.sampler)
-            next(it)
-        pairs = [(next(it), next(it)) for _ in range(repeats)]
-        record["cpu_speedup"] = statistics.median(ref / own for ref, own in pairs)
-        record["cpu_seconds"] = statistics.median(own for _, own in pairs)
-    return True
 
 
 def peer_methods(pipe: Any, peers: list[Peer], samplers: tuple[str, ...]) -> list[tuple[Method, Peer]]:
@@ -239,7 +202,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "FLOPs speed-up: tokencache's plan against the uncached run of the same sampler (DDIM-50 / DDPM-250); "
         "peers report none (what they skipped is in the notes). Measured speed-up (wall): uncached seconds / "
         "method seconds, the two runs made back to back (`tokencache.demo.compare`)."
-        + (" CPU-time speed-up: the same ratio for the process CPU time of the same two runs' denoising loops "
+        + (" CPU-time speed-up: the same ratio for the process CPU time of the same two runs "
            "(1 thread), which other processes on the machine barely disturb; the plot uses it." if cpu else "")
         + " PSNR/SSIM: against the uncached run of the same sampler and seed. FD: Frechet distance to held-out "
         "real digits in the shipped classifier's feature space (lower is better). How each peer is applied: "
@@ -342,12 +305,10 @@ def sweep(args: argparse.Namespace, samples: int) -> tuple[list[dict[str, Any]],
     peer_of = {id(m): p for m, p in pairs}
 
     labels = list(range(10)) * (samples // 10)
-    timer = LoopTimer(pipe)
     start = time.perf_counter()
     records = compare(pipe, classifier, methods, labels, seed=args.seed, guidance=args.guidance,
                       repeats=args.repeats, reference_steps=REFERENCE_STEPS)
     wall = time.perf_counter() - start
-    add_cpu_speedups(methods, records, timer.seconds, args.repeats)
     for method, record in zip(methods, records, strict=True):
         peer = peer_of.get(id(method))
         if peer is not None and "unavailable" not in record:
@@ -356,8 +317,8 @@ def sweep(args: argparse.Namespace, samples: int) -> tuple[list[dict[str, Any]],
                 record["left_behind_by_peer_removal"] = sorted(set(peer.leftovers))
 
     versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "diffusers", "cache-dit"))
-    repeats_note = (" (one interleaved uncached/method pair per row: the full sweep takes over an hour on one "
-                    "thread)" if args.repeats == 1 else " (median of per-repeat ratios)")
+    repeats_note = (" (one round: the uncached run, then each method once)" if args.repeats == 1 else
+                    " (median over interleaved rounds: the uncached run, then each method once)")
     meta = dict(date=datetime.date.today().isoformat(), samples=samples, seed=args.seed, guidance=args.guidance,
                 repeats=args.repeats, repeats_note=repeats_note, quick=args.quick, versions=versions,
                 device=f"CPU {cpu_name()}, {torch.get_num_threads()} torch thread(s)", wall_minutes=wall / 60,
@@ -372,7 +333,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few methods, 20 samples, DDIM only, repeats 1")
     parser.add_argument("--samples", type=int, default=None, help="multiple of 10 (default 100, quick 20)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 2; 1 with --quick)")
     parser.add_argument("--no-ddpm", action="store_true", help="DDIM rows only")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--ddpm-peers", action="store_true", help="also run the peers with DDPM-250")
@@ -386,6 +347,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="result file stem in benchmarks/results (must start with "
                                                     "'frontier')")
     args = parser.parse_args()
+    args.repeats = args.repeats or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     samples = args.samples or (20 if args.quick else 100)
     if samples < 10 or samples % 10:

@@ -28,7 +28,7 @@ def test_training_reduces_the_loss(calibrated):
     _, predictor = calibrated
     c = predictor.calibration
     # The training objective on fixed pairs, before and after training.
-    assert len(c["losses"]) == 30 and c["objective_after"] < 0.95 * c["objective_before"]
+    assert len(c["losses"]) == 30 and c["objective_after"] < 0.97 * c["objective_before"]
     assert len(c["block_sensitivity"]) == 3 and all(s > 0 for s in c["block_sensitivity"])
     assert sum(c["block_ratios"]) / 3 == pytest.approx(0.5)
 

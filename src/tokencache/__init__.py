@@ -8,6 +8,7 @@
 """
 
 from . import presets as _presets  # noqa: F401  (registers the official settings)
+from .calibrate import CalibrationConfig, calibrate, class_calls
 from .config import TPRR, DepthRamp, FORAConfig, StepRamp, ToCaConfig, TokenCacheConfig
 from .handle import CacheHandle, CacheStats, apply
 from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockLayout",
     "CacheHandle",
+    "CalibrationConfig",
     "CacheStats",
     "DepthRamp",
     "FORAConfig",
@@ -31,9 +33,20 @@ __all__ = [
     "TokenCacheConfig",
     "TokenCachePredictor",
     "apply",
+    "calibrate",
+    "class_calls",
     "plan",
     "preset",
     "presets",
     "register_layout",
     "supported_block_classes",
 ]
+
+
+def __getattr__(name: str):
+    # tc.metrics and tc.demo need the demo extra (torchmetrics, scikit-learn): imported on first use.
+    if name in ("metrics", "demo"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'tokencache' has no attribute {name!r}")

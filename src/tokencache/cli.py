@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compare every method on the shipped digits model (table and pictures)")
     p.add_argument("--out", default="tokencache-demo", help="output folder (default ./tokencache-demo)")
     p.add_argument("--quick", action="store_true", help="20 samples, DDIM only, a few methods (< 1 minute)")
-    p.add_argument("--samples", type=int, default=None, help="samples per method, a multiple of 10 (default 100)")
-    p.add_argument("--repeats", type=int, default=1, help="timing repeats, interleaved (default 1)")
+    p.add_argument("--samples", type=int, default=None, help="samples per method, a multiple of 10 (default 50)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved timing rounds, median (default 3; 1 with --quick)")
     p.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-250 rows")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the shipped model's, see quality.json)")
@@ -119,12 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo", help="'demo' or a folder with transformer/ and scheduler/")
     p.add_argument("--out", required=True, help="folder for predictor.safetensors/.json (and a checkpoint)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps to calibrate for (default 50)")
-    p.add_argument("--budget", type=float, default=0.6, help="mean fraction of tokens reused on cached steps")
-    p.add_argument("--tprr", type=float, nargs=3, default=(5, 2, 0.5), metavar=("K1", "K2", "BOUNDARY"),
-                   help="cached steps per full step early / late, and the phase boundary (default 5 2 0.5)")
+    p.add_argument("--budget", type=float, default=0.8,
+                   help="mean fraction of tokens reused on cached steps (default 0.8)")
+    p.add_argument("--tprr", type=float, nargs=3, default=(3, 2, 0.5), metavar=("K1", "K2", "BOUNDARY"),
+                   help="cached steps per full step early / late, and the phase boundary (default 3 2 0.5)")
     p.add_argument("--variant", choices=["features", "position"], default="features")
     p.add_argument("--uniform-blocks", action="store_true", help="no adaptive block selection")
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--runs", type=int, default=4, help="pipeline calls sampling trajectories (default 4)")
     p.add_argument("--per-call", type=int, default=16, help="trajectories per call (default 16)")
     p.add_argument("--num-classes", type=int, default=10)

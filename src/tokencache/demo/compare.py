@@ -56,13 +56,22 @@ def scheduler_for(pipe: Any, sampler: str) -> Any:
     raise ValueError(f"sampler must be 'ddim' or 'ddpm'; got {sampler!r}")
 
 
-def _sample(pipe: Any, labels: list[int], steps: int, seed: int, guidance: float) -> tuple[torch.Tensor, float]:
+@dataclass
+class Timing:
+    """Wall-clock and process CPU seconds of one sampling run. CPU time barely depends on what else the machine
+    runs (with one torch thread), so on a shared machine it is the steadier of the two."""
+
+    wall: float
+    cpu: float
+
+
+def _sample(pipe: Any, labels: list[int], steps: int, seed: int, guidance: float) -> tuple[torch.Tensor, Timing]:
     generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         images = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance,
                       generator=generator).images
-    return images, time.perf_counter() - start
+    return images, Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
 @contextlib.contextmanager
@@ -84,62 +93,87 @@ def _attached(pipe: Any, method: Method):
 def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[int], seed: int = 0,
             guidance: float = DEFAULT_GUIDANCE, repeats: int = 3, reference_steps: dict[str, int] | None = None,
             progress: bool = True) -> list[dict[str, Any]]:
-    """Run every method on the same classes and seed; returns one record per method."""
+    """Run every method on the same classes and seed; returns one record per method, in ``methods`` order.
+
+    Timing is interleaved in rounds, per sampler: the uncached reference run, then one run of each method; a
+    method's speed-up is the median over rounds of (reference seconds / its seconds) within the round. Quality
+    compares each method's images (the same in every round) with the reference's. A row that is the reference
+    itself (no cache, same steps) runs in the first round only: it checks that the same seeds give the same
+    images, and its speed-up is 1 by construction."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
     reference_steps = reference_steps or {"ddim": 50, "ddpm": 250}
     real, _ = load_digits_split("heldout")
     pipe.set_progress_bar_config(disable=True)
     original_scheduler = pipe.scheduler
-    references: dict[str, dict[str, Any]] = {}
-    records = []
-    bar = tqdm(total=len(methods), desc="methods", disable=not progress)
+    records: list[dict[str, Any] | None] = [None] * len(methods)
+    groups: dict[str, list[int]] = {}
+    for i, method in enumerate(methods):
+        if method.unavailable:
+            records[i] = dict(method=method.name, family=method.family, sampler=method.sampler, steps=method.steps,
+                              **method.extra, unavailable=method.unavailable)
+        else:
+            groups.setdefault(method.sampler, []).append(i)
+    def is_reference(method: Method) -> bool:
+        return method.config is None and method.attach is None and method.steps == reference_steps[method.sampler]
+
+    runs = sum(repeats * (1 + len(g)) - (repeats - 1) * sum(is_reference(methods[i]) for i in g)
+               for g in groups.values())
+    bar = tqdm(total=runs, desc="sampling runs", disable=not progress)
+    _sample(pipe, labels, 2, seed, guidance)  # warm-up, so that no timed run pays for first-call costs
     try:
-        for method in methods:
-            bar.set_postfix_str(method.name)
-            record: dict[str, Any] = dict(method=method.name, family=method.family, sampler=method.sampler,
-                                          steps=method.steps, **method.extra)
-            if method.unavailable:
-                records.append({**record, "unavailable": method.unavailable})
+        for sampler, group in groups.items():
+            pipe.scheduler = scheduler_for(pipe, sampler)
+            ref_steps = reference_steps[sampler]
+            ref_timings: list[Timing] = []
+            timings: dict[int, list[Timing]] = {i: [] for i in group}
+            images_of: dict[int, torch.Tensor] = {}
+            stats_of: dict[int, Any] = {}
+            for round_index in range(repeats):
+                bar.set_postfix_str(f"no cache ({sampler.upper()}-{ref_steps})")
+                ref_images, timing = _sample(pipe, labels, ref_steps, seed, guidance)
+                ref_timings.append(timing)
                 bar.update()
-                continue
-            pipe.scheduler = scheduler_for(pipe, method.sampler)
-            ref_steps = reference_steps[method.sampler]
-            if method.sampler not in references:
-                images, _ = _sample(pipe, labels, ref_steps, seed, guidance)
-                references[method.sampler] = dict(images=images, flops=uncached_flops(pipe, ref_steps, labels,
-                                                                                      guidance))
-            ref = references[method.sampler]
-            # Cost: interleave the uncached reference and this method, median of per-repeat ratios.
-            ratios, seconds = [], []
-            images = stats = None
-            for _ in range(repeats):
-                _, ref_seconds = _sample(pipe, labels, ref_steps, seed, guidance)
-                with _attached(pipe, method) as handle:
-                    images, method_seconds = _sample(pipe, labels, method.steps, seed, guidance)
-                    stats = handle.stats() if handle is not None else None
-                ratios.append(ref_seconds / method_seconds)
-                seconds.append(method_seconds)
-            if stats is not None:
-                flops = stats.flops
-                record.update(full_steps=stats.full_steps, partial_steps=stats.partial_steps,
-                              reuse_steps=stats.reuse_steps, cache_mib=stats.cache_bytes / 2**20)
-            else:
-                flops = uncached_flops(pipe, method.steps, labels, guidance)
-            record.update(
-                flops_speedup=ref["flops"] / flops if method.attach is None else None,
-                measured_speedup=statistics.median(ratios),
-                seconds=statistics.median(seconds),
-                psnr=psnr(images, ref["images"]),
-                ssim=ssim(images, ref["images"]),
-                fd=frechet_distance(images, real, classifier),
-                accuracy=class_accuracy(images, labels, classifier),
-            )
-            record["images"] = images
-            records.append(record)
-            bar.update()
+                for i in group:
+                    method = methods[i]
+                    if round_index > 0 and is_reference(method):
+                        continue
+                    bar.set_postfix_str(method.name)
+                    with _attached(pipe, method) as handle:
+                        images_of[i], timing = _sample(pipe, labels, method.steps, seed, guidance)
+                        stats_of[i] = handle.stats() if handle is not None else None
+                    timings[i].append(timing)
+                    bar.update()
+            ref_flops = uncached_flops(pipe, ref_steps, labels, guidance)
+            for i in group:
+                method, images, stats = methods[i], images_of[i], stats_of[i]
+                pairs = list(zip(ref_timings, timings[i], strict=False))  # a reference row has one round
+                record: dict[str, Any] = dict(method=method.name, family=method.family, sampler=method.sampler,
+                                              steps=method.steps, **method.extra)
+                if stats is not None:
+                    flops = stats.flops
+                    record.update(full_steps=stats.full_steps, partial_steps=stats.partial_steps,
+                                  reuse_steps=stats.reuse_steps, cache_mib=stats.cache_bytes / 2**20)
+                else:
+                    flops = uncached_flops(pipe, method.steps, labels, guidance)
+                record.update(
+                    flops_speedup=ref_flops / flops if method.attach is None else None,
+                    measured_speedup=statistics.median(base.wall / own.wall for base, own in pairs),
+                    seconds=statistics.median(own.wall for _, own in pairs),
+                    cpu_speedup=statistics.median(base.cpu / own.cpu for base, own in pairs),
+                    cpu_seconds=statistics.median(own.cpu for _, own in pairs),
+                    repeats=len(pairs),
+                    psnr=psnr(images, ref_images),
+                    ssim=ssim(images, ref_images),
+                    fd=frechet_distance(images, real, classifier),
+                    accuracy=class_accuracy(images, labels, classifier),
+                    images=images,
+                )
+                records[i] = record
     finally:
         pipe.scheduler = original_scheduler
         bar.close()
-    return records
+    return [r for r in records if r is not None]
 
 
 def uncached_flops(pipe: Any, steps: int, labels: list[int], guidance: float) -> int:
