@@ -43,3 +43,17 @@ def test_toca_row_flops_match_the_plan(quick_results):
     plan = tc.plan(tc.ToCaConfig.preset("dit-ddim50", full_step_interval=4), pipe.transformer, 50, batch_size=40)
     assert row["flops_speedup"] == pytest.approx(plan.speedup, rel=1e-9)
     assert row["full_steps"] == plan.count("full") and row["partial_steps"] == plan.count("partial")
+
+
+def test_train_demo_command_few_steps(tmp_path):
+    """`tokencache train-demo` with a handful of steps writes a folder the demo loader reads."""
+    from tokencache.demo import load_pipeline_from
+    from tokencache.demo.classifier import load_classifier_from
+
+    out = tmp_path / "model"
+    assert main(["train-demo", "--out", str(out), "--steps", "2", "--finetune-steps", "1",
+                 "--classifier-epochs", "1"]) == 0
+    pipe = load_pipeline_from(out)
+    images = pipe(class_labels=[3], num_inference_steps=2).images
+    assert images.shape == (1, 1, 16, 16) and (out / "stage1").is_dir()
+    assert load_classifier_from(out) is not None
