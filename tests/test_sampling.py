@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("sklearn")
 
 from tokencache import sampling  # noqa: E402
-from tokencache.demo import assets_dir  # noqa: E402
+from tokencache.demo import DEFAULT_GUIDANCE, assets_dir  # noqa: E402
 
 N, BATCH, STEPS, SEED, METHOD = 10, 4, 4, 7, "dit-ddim50"  # 3 fixed batches, the last one ragged (2 samples)
 TIMEOUT = 300
@@ -85,7 +85,7 @@ def _assert_index(folder: Path, world_size: int) -> dict:
     assert index["files"] == [f"samples/{i:06d}.pt" for i in range(N)]
     assert index["classes"] == [i % 10 for i in range(N)] and index["seeds"] == [SEED + i for i in range(N)]
     assert (index["method"], index["steps"], index["seed"], index["world_size"]) == (METHOD, STEPS, SEED, world_size)
-    assert index["guidance"] == 1.5 and index["batch_size"] == BATCH and index["num_batches"] == 3
+    assert index["guidance"] == DEFAULT_GUIDANCE and index["batch_size"] == BATCH and index["num_batches"] == 3
     assert index["stats"]["batches_with_stats"] == 3 and index["stats"]["speedup"] > 1
     return index
 
@@ -155,7 +155,7 @@ def test_resume_with_other_settings_is_refused(reference: Path, model_dir: Path,
     before = {p.name: p.stat().st_mtime_ns for p in (reference / "samples").glob("*.pt")}
     assert sampling.main_sample(_args(model_dir, reference, "--guidance", "3")) == 2
     err = capsys.readouterr().err
-    assert "other settings" in err and "guidance 1.5 (now 3.0)" in err
+    assert "other settings" in err and f"guidance {DEFAULT_GUIDANCE} (now 3.0)" in err
     args = _args(model_dir, reference)
     args[args.index("--num-samples") + 1] = "4"
     assert sampling.main_sample(args) == 2
