@@ -39,7 +39,6 @@ import datetime
 import hashlib
 import json
 import math
-import platform
 import re
 import sys
 import time
@@ -55,6 +54,7 @@ from tokencache.demo.compare import Method, compare, scheduler_for, to_json
 from tokencache.demo.runner import PREDICTOR_FOLDER, shipped_predictor
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_name  # noqa: E402
 from peers import Peer, all_peers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -147,16 +147,6 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "not installed"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:

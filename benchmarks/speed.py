@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import platform
 import statistics
 import threading
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from machine import cpu_name
 from tqdm import tqdm
 
 import tokencache as tc
@@ -246,7 +246,7 @@ def main() -> None:
     rows = []
     for model_name in models:
         rows.extend(bench_model(model_name, args, device, dtype))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     when = datetime.date.today().isoformat()
     header = (f"Device: {name} ({args.device}, {torch.get_num_threads()} threads), {args.dtype}, "
               f"{args.repeats} repeats, {when}" + (" — SHORT VERSION" if args.steps or args.blocks else ""))
