@@ -21,7 +21,8 @@ held-out real digits and class accuracy (the shipped classifier).
 Options: ``--samples N`` (a multiple of 10), ``--repeats R`` (interleaved timing rounds, default 2: each round
 is the uncached run then every method once, per sampler), ``--no-ddpm``, ``--no-peers``,
 ``--ddpm-peers``, ``--only REGEX`` (methods whose name matches), ``--threads`` (default 1), ``--seed``,
-``--guidance``, ``--out STEM``, ``--x cpu|wall`` (the plot's speed-up axis), ``--replot`` (rewrite the table and
+``--guidance``, ``--out STEM``, ``--x cpu|wall`` (the plot's speed-up axis), ``--update`` (re-run the ``--only`` rows and
+replace them in the saved results), ``--replot`` (rewrite the table and
 plot from the saved JSON). Writes ``benchmarks/results/<stem>.json`` (all records), ``.md`` (the table, with
 device and date) and ``.png`` (PSNR and FD against measured speed-up, one curve per family and sampler); the stem
 is ``frontier`` (``frontier-quick`` with ``--quick``). The peers need the ``bench`` extra (``cache-dit``); without
@@ -68,15 +69,16 @@ DDPM_STEPS = (50, 100, 150)
 REFERENCE_STEPS = {"ddim": 50, "ddpm": 250}
 
 
-def config_reason(pipe: Any, config: Any, sampler: str) -> str | None:
-    """Try a tokencache config on a 2-step call; the error as the reason it cannot run, or None."""
+def config_reason(pipe: Any, config: Any, sampler: str, steps: int) -> str | None:
+    """Try a tokencache config on a one-sample call with the row's step count; the error as the reason it cannot
+    run, or None."""
     original = pipe.scheduler
     pipe.scheduler = scheduler_for(pipe, sampler)
     handle = None
     try:
         handle = tc.apply(pipe, config)
         with torch.no_grad():
-            pipe(class_labels=[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+            pipe(class_labels=[0], num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
     except Exception as error:  # the library's own refusal is what the row records
         return f"{type(error).__name__}: {error}"
     finally:
@@ -187,7 +189,9 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Device: {meta['device']}. {meta['samples']} samples (10 per class), seed {meta['seed']}, guidance "
         f"{meta['guidance']}, **{meta['repeats']} repeat(s)**{meta['repeats_note']}. Sweep wall time "
         f"{meta['wall_minutes']:.0f} min. Versions: {meta['versions']}. Model files: {meta.get('model', '?')}"
-        + (f" ({meta['model_note']})" if meta.get("model_note") else "") + ".",
+        + (f" ({meta['model_note']})" if meta.get("model_note") else "") + "."
+        + "".join(f" Rows re-run with `--update` on {u['date']} ({u['wall_minutes']:.0f} min, their own uncached "
+                  f"reference in that process): {', '.join(u['methods'])}." for u in meta.get("updates", [])),
         "",
         "FLOPs speed-up: tokencache's plan against the uncached run of the same sampler (DDIM-50 / DDPM-250); "
         "peers report none (what they skipped is in the notes). Measured speed-up (wall): uncached seconds / "
@@ -281,7 +285,7 @@ def sweep(args: argparse.Namespace, samples: int) -> tuple[list[dict[str, Any]],
     pipe.set_progress_bar_config(disable=True)
     methods = tokencache_methods(args.quick, ddpm)
     for i, m in enumerate(methods):
-        if m.config is not None and (reason := config_reason(pipe, m.config, m.sampler)):
+        if m.config is not None and (reason := config_reason(pipe, m.config, m.sampler, m.steps)):
             methods[i] = Method(m.name, m.family, m.sampler, m.steps, unavailable=reason, extra=m.extra)
     pairs: list[tuple[Method, Peer]] = []
     if not args.no_peers:
@@ -334,6 +338,8 @@ def main() -> None:
     parser.add_argument("--x", choices=("cpu", "wall"), default="cpu",
                         help="speed-up on the plot's x axis: CPU time (default) or wall clock")
     parser.add_argument("--replot", action="store_true", help="rewrite .md and .png from the stem's .json")
+    parser.add_argument("--update", action="store_true",
+                        help="re-run the rows selected by --only and replace them in the stem's .json")
     parser.add_argument("--out", default=None, help="result file stem in benchmarks/results (must start with "
                                                     "'frontier')")
     args = parser.parse_args()
@@ -348,6 +354,17 @@ def main() -> None:
     if args.replot:
         saved = json.loads((RESULTS / f"{stem}.json").read_text())
         records, meta = saved["records"], saved["meta"]
+    elif args.update:
+        if not args.only:
+            parser.error("--update needs --only REGEX (the rows to re-run)")
+        saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        records, meta = saved["records"], saved["meta"]
+        fresh, fresh_meta = sweep(args, samples)
+        fresh = [r for r in fresh if re.search(args.only, r["method"])]
+        by_key = {(r["method"], r["sampler"]): r for r in fresh}
+        records = [by_key.pop((r["method"], r["sampler"]), r) for r in records] + list(by_key.values())
+        meta.setdefault("updates", []).append(dict(date=fresh_meta["date"], wall_minutes=fresh_meta["wall_minutes"],
+                                                   methods=[r["method"] for r in fresh]))
     else:
         records, meta = sweep(args, samples)
     table = write(records, meta, stem, args.x)
