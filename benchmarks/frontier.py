@@ -21,9 +21,9 @@ held-out real digits and class accuracy (the shipped classifier).
 Options: ``--samples N`` (a multiple of 10), ``--repeats R`` (interleaved timing rounds, default 2: each round
 is the uncached run then every method once, per sampler), ``--no-ddpm``, ``--no-peers``,
 ``--ddpm-peers``, ``--only REGEX`` (methods whose name matches), ``--threads`` (default 1), ``--seed``,
-``--guidance``, ``--out STEM``, ``--x cpu|wall`` (the plot's speed-up axis), ``--update`` (re-run the ``--only`` rows and
-replace them in the saved results), ``--replot`` (rewrite the table and
-plot from the saved JSON). Writes ``benchmarks/results/<stem>.json`` (all records), ``.md`` (the table, with
+``--guidance``, ``--out STEM``, ``--x cpu|wall`` (the plot's speed-up axis), ``--update`` (re-run the
+``--only`` rows and replace them in the saved results), ``--replot`` (rewrite the table and plot from the saved
+JSON). Writes ``benchmarks/results/<stem>.json`` (all records), ``.md`` (the table, with
 device and date) and ``.png`` (PSNR and FD against measured speed-up, one curve per family and sampler); the stem
 is ``frontier`` (``frontier-quick`` with ``--quick``). The peers need the ``bench`` extra (``cache-dit``); without
 it their rows are recorded as unavailable.

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="20 samples, DDIM only, a few methods (< 1 minute)")
     p.add_argument("--samples", type=int, default=None, help="samples per method, a multiple of 10 (default 50)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="interleaved timing rounds, median (default 3; 1 with --quick)")
+                   help="interleaved timing rounds, median (default 2; 1 with --quick)")
     p.add_argument("--no-ddpm", action="store_true", help="skip the DDPM-250 rows")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the shipped model's, see quality.json)")

@@ -50,7 +50,7 @@ def demo_methods(quick: bool, ddpm: bool) -> list[Method]:
 def run_demo(out: str | Path, quick: bool = False, samples: int | None = None, repeats: int | None = None,
              ddpm: bool = True, guidance: float = DEFAULT_GUIDANCE, seed: int = 0) -> list[dict[str, Any]]:
     samples = samples or (20 if quick else 50)
-    repeats = repeats or (1 if quick else 3)
+    repeats = repeats or (1 if quick else 2)
     if samples < 10 or samples % 10:
         raise ValueError(f"samples must be a positive multiple of 10 (one per class); got {samples}")
     pipe, classifier = load_model(), load_classifier()
