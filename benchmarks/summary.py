@@ -3,8 +3,8 @@
     python benchmarks/summary.py            # print it
     python benchmarks/summary.py --readme   # and replace the block between the summary markers in README.md
 
-Reads ``results/frontier.json`` (quality against speed on the shipped digits DiT) and
-``results/speed-cpu-float32.json`` (wall-clock at the published shapes).
+Reads ``results/frontier.json`` (quality against speed on the shipped digits DiT) and every
+``results/speed-*.json`` (wall-clock at the published shapes).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def speed_table(path: Path) -> str:
     data = json.loads(path.read_text())
     args = data["args"]
     short = f", first {args['blocks']} blocks of each model" if args.get("blocks") else ""
+    short = short or ", all blocks"
     steps = f", {args['steps']} steps" if args.get("steps") else ""
     lines = [f"Wall-clock at the published shapes, random weights, CFG batch 2 ({data['device']}, "
              f"{args.get('threads') or 'default'} thread(s), {data['dtype']}{short}{steps}, median of "
@@ -68,10 +69,9 @@ def speed_table(path: Path) -> str:
 
 
 def summary() -> str:
-    parts = []
-    for name, build in (("frontier.json", frontier_table), ("speed-cpu-float32.json", speed_table)):
-        path = RESULTS / name
-        parts.append(build(path) if path.exists() else f"({path.name} has not been written yet)")
+    frontier = RESULTS / "frontier.json"
+    parts = [frontier_table(frontier) if frontier.exists() else "(frontier.json has not been written yet)"]
+    parts += [speed_table(path) for path in sorted(RESULTS.glob("speed-*.json"))]
     return "\n\n".join(parts)
 
 
