@@ -137,12 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Imported by the demo, calibration and evaluation commands; installed by the ``demo`` extra.
+# Needed by the commands marked ``needs_demo_extra`` (demo, train-demo, eval); installed by the ``demo`` extra.
 OPTIONAL_MODULES = ("sklearn", "torchmetrics", "scipy", "matplotlib")
-
-
-def _missing_demo_extra(error: ModuleNotFoundError) -> str:
-    return (f"it needs {error.name!r}, which comes with the demo extra: pip install 'tokencache[demo]'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,15 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 importlib.import_module(name)
             except ModuleNotFoundError as error:
-                parser.exit(2, f"tokencache {args.command}: error: {_missing_demo_extra(error)}\n")
+                parser.exit(2, f"tokencache {args.command}: error: it needs {error.name!r}, which comes with the "
+                               "demo extra: pip install 'tokencache[demo]'\n")
     try:
         return args.func(args)
     except (ValueError, TypeError) as error:
         parser.exit(2, f"tokencache {args.command}: error: {error}\n")
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in OPTIONAL_MODULES:
-            raise
-        parser.exit(2, f"tokencache {args.command}: error: {_missing_demo_extra(error)}\n")
     except sampling.SampleFolderError as error:
         parser.exit(1, f"tokencache {args.command}: error: {error}\n")
 

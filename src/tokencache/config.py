@@ -233,7 +233,7 @@ class TPRR:
     """Two-Phase Round-Robin step schedule: a full step, then ``early_cached_steps`` cached steps, repeated
     while the progress ``i / T`` is below ``boundary``; after it, ``late_cached_steps`` cached steps per full
     step. Equal phases give a fixed interval. The defaults won the sweep on the shipped digits DiT at ToCa N=4's
-    FLOPs (DDIM-50): 41.5 dB PSNR against 38.0 for (5, 2) and 38.9 for a fixed interval (2, 2); (3, 1) and
+    FLOPs (DDIM-50): 41.6 dB PSNR against 38.2 for (5, 2) and 38.9 for a fixed interval (2, 2); (3, 1) and
     (4, 1) cannot reach that speed-up (benchmarks/results/tokencache-ablation.md)."""
 
     early_cached_steps: int = 3

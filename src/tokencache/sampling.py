@@ -744,7 +744,7 @@ def register(subparsers: Any) -> None:
                                           "recorded classes, and the Fréchet distance to the held-out digits.")
     p.add_argument("--samples", required=True, metavar="DIR", help="a finished `tokencache sample` folder")
     p.add_argument("--json", default=None, metavar="OUT", help="result JSON (default DIR/eval.json)")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, needs_demo_extra=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

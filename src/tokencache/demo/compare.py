@@ -154,7 +154,7 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
                     seconds=statistics.median(own.wall for _, own in pairs),
                     cpu_speedup=statistics.median(base.cpu / own.cpu for base, own in pairs),
                     cpu_seconds=statistics.median(own.cpu for _, own in pairs),
-                    repeats=len(pairs),
+                    repeats=repeats,
                     psnr=psnr(images, ref_images),
                     ssim=ssim(images, ref_images),
                     fd=frechet_distance(images, real, classifier),
