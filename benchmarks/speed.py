@@ -125,22 +125,31 @@ def make_inputs(model_name: str, transformer: torch.nn.Module, device: torch.dev
                                            added_cond_kwargs=extra))
 
 
-def sample(transformer, scheduler, steps: int, inputs: dict, handle=None) -> float:
-    """One CFG sampling run (guidance 4.0); returns its wall-clock seconds."""
+def sample(transformer, scheduler, steps: int, inputs: dict, handle=None,
+           step_seconds: list[float] | None = None) -> float:
+    """One CFG sampling run (guidance 4.0); returns its wall-clock seconds. With ``step_seconds``, also
+    appends the seconds of each transformer call (synchronising the device after each)."""
     device = inputs["latents"].device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     scheduler.set_timesteps(steps, device=device)
     x = inputs["latents"].clone()
     run = handle.sampling(num_steps=steps) if handle is not None else contextlib.nullcontext()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync()
     start = time.perf_counter()
     with torch.no_grad(), run:
         for t in scheduler.timesteps:
+            call_start = time.perf_counter()
             out = transformer(torch.cat([x, x]), timestep=t.expand(2), **inputs["cond"]).sample
+            if step_seconds is not None:
+                sync()
+                step_seconds.append(time.perf_counter() - call_start)
             cond, uncond = out[:, :4].chunk(2)
             x = scheduler.step(uncond + 4.0 * (cond - uncond), t, x).prev_sample
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync()
     return time.perf_counter() - start
 
 

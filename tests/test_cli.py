@@ -46,3 +46,13 @@ def test_demo_without_the_demo_extra_names_it():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert "pip install 'tokencache[demo]'" in result.stderr and "'sklearn'" in result.stderr
+
+
+def test_sampling_eval_entry_without_the_demo_extra_names_it(tmp_path):
+    """The torchrun entry (python -m tokencache.sampling eval) checks the extra before reading the folder."""
+    code = ("import sys; sys.modules['scipy'] = None\n"
+            "from tokencache.sampling import main\n"
+            f"sys.exit(main(['eval', '--samples', {str(tmp_path / 'missing')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'tokencache[demo]'" in result.stderr and "'scipy'" in result.stderr

@@ -26,6 +26,11 @@ def test_dit_ddim50_speedup_matches_published(dit_xl_2):
     assert plan.step_kinds[0] == "full"
     # DDIM-50's step factor is negative for the first quarter: those partial steps recompute nothing
     assert all(k in ("full", "reuse") for k in plan.step_kinds[:12])
+    # per-step FLOPs add up, full steps cost an uncached step, partial steps less
+    assert sum(plan.step_flops) == plan.flops and len(plan.step_flops) == 50
+    per_step = plan.flops_full // 50
+    for kind, flops in zip(plan.step_kinds, plan.step_flops, strict=True):
+        assert (flops == per_step) if kind == "full" else (flops < per_step)
 
 
 def test_dit_ddpm250_speedup_matches_published(dit_xl_2):

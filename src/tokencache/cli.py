@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
@@ -137,20 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Needed by the commands marked ``needs_demo_extra`` (demo, train-demo, eval); installed by the ``demo`` extra.
-OPTIONAL_MODULES = ("sklearn", "torchmetrics", "scipy", "matplotlib")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "needs_demo_extra", False):  # say so before any work starts
-        for name in OPTIONAL_MODULES:
-            try:
-                importlib.import_module(name)
-            except ModuleNotFoundError as error:
-                parser.exit(2, f"tokencache {args.command}: error: it needs {error.name!r}, which comes with the "
-                               "demo extra: pip install 'tokencache[demo]'\n")
+    missing = sampling.missing_demo_extra(args)
+    if missing:  # say so before any work starts
+        parser.exit(2, f"tokencache {args.command}: error: {missing}\n")
     try:
         return args.func(args)
     except (ValueError, TypeError) as error:

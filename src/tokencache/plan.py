@@ -42,6 +42,8 @@ class Plan:
     """Per step and block, the largest fraction of tokens any of its modules recomputes."""
     flops: int
     flops_full: int
+    step_flops: tuple[int, ...] = ()
+    """FLOPs of each step; an uncached step costs ``flops_full / num_steps``."""
 
     @property
     def speedup(self) -> float:
@@ -81,8 +83,9 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     table = token_table(policy, blocks, n)
     overhead = sum(block_overhead_flops(b, n, batch_size) for b in blocks)
     flops = flops_full = 0
-    kinds, fractions = [], []
+    kinds, fractions, step_flops = [], [], []
     for step in range(num_steps):
+        before = flops
         computed = 0
         row = []
         for block in blocks:
@@ -96,8 +99,10 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
             row.append(largest)
         flops += overhead
         flops_full += overhead
+        step_flops.append(flops - before)
         full = policy.full_steps[step]
         kinds.append("full" if full else ("partial" if computed else "reuse"))
         fractions.append(tuple(row))
     method = type(config).__name__.removesuffix("Config")
-    return Plan(method, num_steps, len(blocks), n, batch_size, tuple(kinds), tuple(fractions), flops, flops_full)
+    return Plan(method, num_steps, len(blocks), n, batch_size, tuple(kinds), tuple(fractions), flops, flops_full,
+                tuple(step_flops))

@@ -33,6 +33,7 @@ Resuming
 from __future__ import annotations
 
 import argparse
+import importlib
 import contextlib
 import datetime
 import hashlib
@@ -747,6 +748,23 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_eval, needs_demo_extra=True)
 
 
+# Needed by the commands marked ``needs_demo_extra`` (demo, train-demo, eval); installed by the ``demo`` extra.
+DEMO_EXTRA_MODULES = ("sklearn", "torchmetrics", "scipy", "matplotlib")
+
+
+def missing_demo_extra(args: argparse.Namespace) -> str | None:
+    """Why the parsed command cannot run (a module of the demo extra is missing), or None."""
+    if not getattr(args, "needs_demo_extra", False):
+        return None
+    for name in DEMO_EXTRA_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            missing = (error.name or name).split(".")[0]
+            return f"it needs {missing!r}, which comes with the demo extra: pip install 'tokencache[demo]'"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone ``tokencache`` parser with only the ``sample`` and ``eval`` commands."""
     parser = argparse.ArgumentParser(prog="tokencache", description="Sample generation and evaluation.")
@@ -761,6 +779,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    missing = missing_demo_extra(args)
+    if missing:  # before any work starts
+        print(f"tokencache {args.command}: error: {missing}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except UsageError as error:
