@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,42 +72,63 @@ def tokencache_config(transformer: torch.nn.Module, steps: int) -> tuple[str, tc
     return name, tc.TokenCacheConfig(predictor)
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: the CUDA allocator's peak, or the process RSS polled every 2 ms."""
+class CudaPeakMemory:
+    """Peak CUDA memory allocated above the level at entry (the model's weights are already there)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_bytes = 0
 
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            import psutil
-
-            process = psutil.Process()
-            self._base = process.memory_info().rss
-            self._stop = threading.Event()
-            self._peak = self._base
-
-            def poll() -> None:
-                while not self._stop.wait(0.002):
-                    self._peak = max(self._peak, process.memory_info().rss)
-
-            self._thread = threading.Thread(target=poll, daemon=True)
-            self._thread.start()
+    def __enter__(self) -> CudaPeakMemory:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = self._peak - self._base
+        torch.cuda.synchronize(self.device)
+        self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+
+
+def probe_steps(config, transformer: torch.nn.Module, steps: int) -> int:
+    """How many steps reach a method's peak memory: through its second full step, when the cache is already
+    full and a full step's activations (and score maps) come on top. Partial steps compute fewer tokens."""
+    if config is None:
+        return min(steps, 2)
+    kinds = tc.plan(config, transformer, steps, batch_size=2, context_tokens=TEXT_TOKENS).step_kinds
+    full = [i for i, kind in enumerate(kinds) if kind == "full"]
+    return full[1] + 1 if len(full) > 1 else steps
+
+
+def cpu_peak_rss_mib(model_name: str, method: str, args: argparse.Namespace) -> float:
+    """CPU peak memory of ``method``: the peak resident size, weights included, of a fresh process that builds
+    the model and runs the method through :func:`probe_steps` (the peak is reset after the model is built).
+    The timing process cannot measure it: its allocator keeps memory freed by earlier runs."""
+    command = [sys.executable, __file__, "--rss-probe", method, "--models", model_name, "--dtype", args.dtype]
+    for flag in ("steps", "blocks", "threads"):
+        if getattr(args, flag):
+            command += [f"--{flag}", str(getattr(args, flag))]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe for {model_name} / {method} failed:\n{result.stderr[-2000:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def rss_probe(method: str, args: argparse.Namespace) -> None:
+    """The probe process: prints the peak resident MiB of running ``method`` (Linux: VmHWM, reset through
+    /proc/self/clear_refs once the model is built, so building the full-depth model before cutting it to
+    ``--blocks`` does not count)."""
+    model_name = args.models
+    steps = args.steps or SETTINGS[model_name]["steps"]
+    transformer, scheduler, inputs, methods = setup(model_name, args, torch.device("cpu"), getattr(torch, args.dtype))
+    config = methods[method]
+    handle = tc.apply(transformer, config) if config is not None else None
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    sample(transformer, scheduler, steps, inputs, handle, stop_after=probe_steps(config, transformer, steps))
+    peak_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmHWM:"))
+    print(peak_kib / 1024)
 
 
 def make_inputs(model_name: str, transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
@@ -126,9 +149,10 @@ def make_inputs(model_name: str, transformer: torch.nn.Module, device: torch.dev
 
 
 def sample(transformer, scheduler, steps: int, inputs: dict, handle=None,
-           step_seconds: list[float] | None = None) -> float:
+           step_seconds: list[float] | None = None, stop_after: int | None = None) -> float:
     """One CFG sampling run (guidance 4.0); returns its wall-clock seconds. With ``step_seconds``, also
-    appends the seconds of each transformer call (synchronising the device after each)."""
+    appends the seconds of each transformer call (synchronising the device after each); with
+    ``stop_after``, only the first steps of the run are made."""
     device = inputs["latents"].device
 
     def sync() -> None:
@@ -141,7 +165,7 @@ def sample(transformer, scheduler, steps: int, inputs: dict, handle=None,
     sync()
     start = time.perf_counter()
     with torch.no_grad(), run:
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps[:stop_after]:
             call_start = time.perf_counter()
             out = transformer(torch.cat([x, x]), timestep=t.expand(2), **inputs["cond"]).sample
             if step_seconds is not None:
@@ -153,20 +177,34 @@ def sample(transformer, scheduler, steps: int, inputs: dict, handle=None,
     return time.perf_counter() - start
 
 
-def bench_model(model_name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def setup(model_name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The model (cut to ``--blocks``), its scheduler, inputs and the methods timed on it."""
     setting = SETTINGS[model_name]
     steps = args.steps or setting["steps"]
     transformer = build_transformer(model_name, device=device, dtype=dtype)
     if args.blocks:
         transformer.transformer_blocks = transformer.transformer_blocks[: args.blocks]
-    scheduler = setting["scheduler"]()
     inputs = make_inputs(model_name, transformer, device, dtype)
-    sample(transformer, scheduler, min(steps, 3), inputs)  # warm-up (allocator, kernels)
-
     tokencache_name, tokencache = tokencache_config(transformer, steps)
     methods = {"no cache": None, **setting["methods"], tokencache_name: tokencache}
+    return transformer, setting["scheduler"](), inputs, methods
+
+
+def peak_memory(model_name: str, methods: dict, args: argparse.Namespace, device: torch.device,
+                cuda_peaks: dict[str, list[int]]) -> dict[str, float]:
+    """Peak memory per method, MiB: on CUDA the median allocator peak of the timed runs (above the weights);
+    on the CPU the peak RSS of a fresh probe process (weights included)."""
+    if device.type == "cuda":
+        return {name: statistics.median(cuda_peaks[name]) / 2**20 for name in methods}
+    return {name: cpu_peak_rss_mib(model_name, name, args) for name in tqdm(methods, desc="memory", leave=False)}
+
+
+def bench_model(model_name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    transformer, scheduler, inputs, methods = setup(model_name, args, device, dtype)
+    steps = args.steps or SETTINGS[model_name]["steps"]
+    sample(transformer, scheduler, min(steps, 3), inputs)  # warm-up (allocator, kernels)
     seconds: dict[str, list[float]] = {m: [] for m in methods}
-    peaks: dict[str, list[int]] = {m: [] for m in methods}
+    cuda_peaks: dict[str, list[int]] = {m: [] for m in methods}
     extra: dict[str, dict] = {}
     progress = tqdm(total=args.repeats * len(methods), desc=model_name, leave=False)
     for _ in range(args.repeats):
@@ -174,9 +212,10 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
             handle = tc.apply(transformer, config) if config is not None else None
             if handle is not None and device.type == "cpu":
                 handle.timing(True)  # perf_counter around the engine's sections; no device sync on the CPU
-            with PeakMemory(device) as peak:
+            with CudaPeakMemory(device) if device.type == "cuda" else contextlib.nullcontext() as peak:
                 seconds[name].append(sample(transformer, scheduler, steps, inputs, handle))
-            peaks[name].append(peak.peak_bytes)
+            if peak is not None:
+                cuda_peaks[name].append(peak.peak_bytes)
             if handle is not None:
                 stats = handle.stats()
                 handle.remove()
@@ -194,13 +233,13 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
             extra[name]["timed"] = handle.stats()
             handle.remove()
 
+    peaks = peak_memory(model_name, methods, args, device, cuda_peaks)
     rows = []
     for name, config in methods.items():
         ratios = [a / b for a, b in zip(seconds["no cache"], seconds[name], strict=True)]
         row = dict(model=model_name, method=name, steps=steps, blocks=len(transformer.transformer_blocks),
                    seconds_median=statistics.median(seconds[name]), seconds=seconds[name],
-                   measured_speedup=statistics.median(ratios),
-                   peak_memory_mib=statistics.median(peaks[name]) / 2**20)
+                   measured_speedup=statistics.median(ratios), peak_memory_mib=peaks[name])
         if config is None:
             row.update(flops_speedup=1.0, overhead_ratio=1.0, cache_memory_mib=0.0)
         else:
@@ -243,6 +282,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="result file stem (default results/speed-<device>-<dtype>)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="re-measure only the peak-memory column of the existing result file --out")
+    parser.add_argument("--rss-probe", default=None, metavar="METHOD", help=argparse.SUPPRESS)  # cpu_peak_rss_mib
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,6 +293,13 @@ def main() -> None:
     for m in models:
         if m not in SETTINGS or m not in MODEL_SHAPES:
             parser.error(f"--models: {m!r} is not one of {sorted(SETTINGS)}")
+    if args.rss_probe:
+        rss_probe(args.rss_probe, args)
+        return
+    stem = RESULTS / (args.out or f"speed-{device.type}-{args.dtype}")
+    if args.memory_only:
+        remeasure_memory(stem, parser)
+        return
 
     rows = []
     for model_name in models:
@@ -259,13 +308,42 @@ def main() -> None:
     when = datetime.date.today().isoformat()
     header = (f"Device: {name} ({args.device}, {torch.get_num_threads()} threads), {args.dtype}, "
               f"{args.repeats} repeats, {when}" + (" — SHORT VERSION" if args.steps or args.blocks else ""))
-    table = markdown(rows, header)
+    write(stem, dict(device=name, dtype=args.dtype, date=when, args=vars(args), rows=rows), header, device)
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "Peak mem: the CUDA allocator's peak during a run, above the model's weights."
+    return ("Peak mem: peak resident size of a fresh process that builds the model and runs the method through its "
+            "second full step, weights included (the timing process cannot show it: its allocator keeps freed memory).")
+
+
+def write(stem: Path, result: dict, header: str, device: torch.device) -> None:
+    result["header"] = header
+    table = markdown(result["rows"], f"{header}\n\n{memory_note(device)}")
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / (args.out or f"speed-{device.type}-{args.dtype}")
     stem.with_suffix(".md").write_text(table)
-    stem.with_suffix(".json").write_text(json.dumps(dict(device=name, dtype=args.dtype, date=when, args=vars(args),
-                                                         rows=rows), indent=2, default=str))
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+
+
+def remeasure_memory(stem: Path, parser: argparse.ArgumentParser) -> None:
+    """Fill the peak-memory column of a finished CPU result file with :func:`cpu_peak_rss_mib`, run with the
+    file's own options (model, steps, blocks, threads, dtype)."""
+    path = stem.with_suffix(".json")
+    if not path.exists():
+        parser.error(f"--memory-only: no result file {path}")
+    result = json.loads(path.read_text())
+    saved = argparse.Namespace(**result["args"])
+    if saved.device != "cpu":
+        parser.error(f"--memory-only re-measures CPU results; {path} is from {saved.device}")
+    for row in tqdm(result["rows"], desc="memory"):
+        saved.models = row["model"]
+        row["peak_memory_mib"] = cpu_peak_rss_mib(row["model"], row["method"], saved)
+    header = result.get("header") or (  # files written before the header was stored
+        f"Device: {result['device']} (cpu, {saved.threads} threads), {result['dtype']}, {saved.repeats} repeats, "
+        f"{result['date']}" + (" — SHORT VERSION" if saved.steps or saved.blocks else ""))
+    write(stem, result, header, torch.device("cpu"))
 
 
 if __name__ == "__main__":

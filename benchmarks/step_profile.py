@@ -233,6 +233,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default=None,
+                        help="result file stem (default results/step-profile-<device>-<dtype>-<model>)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,7 +247,7 @@ def main() -> None:
     table = markdown(result, header)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"step-profile-{device.type}-{args.dtype}-{args.model}"
+    stem = RESULTS / (args.out or f"step-profile-{device.type}-{args.dtype}-{args.model}")
     stem.with_suffix(".md").write_text(table)
     stem.with_suffix(".json").write_text(json.dumps(dict(device=name, dtype=args.dtype, date=when, args=vars(args),
                                                          result=result), indent=2))

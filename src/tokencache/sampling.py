@@ -33,10 +33,10 @@ Resuming
 from __future__ import annotations
 
 import argparse
-import importlib
 import contextlib
 import datetime
 import hashlib
+import importlib
 import inspect
 import json
 import math

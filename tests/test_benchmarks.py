@@ -1,0 +1,84 @@
+"""The benchmark scripts' own logic, and a short run of each profile step (real shapes, one block)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tokencache as tc
+from tokencache.layouts import find_blocks
+
+from models import tiny_dit, tiny_pixart
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import speed  # noqa: E402
+import step_profile  # noqa: E402
+
+
+def _names(block, categories):
+    names = {id(m): n for n, m in block.module.named_modules()}
+    found: dict[str, set[str]] = {}
+    for category, module in categories:
+        found.setdefault(category, set()).add(names[id(module)])
+    return found
+
+
+def test_step_profile_categories_follow_the_layout():
+    dit_block = find_blocks(tiny_dit())[0]
+    assert _names(dit_block, step_profile.block_categories(dit_block)) == {
+        "cached modules": {"attn1", "ff"},
+        "embedders": {"norm1.emb"},  # its timestep/class linears are not counted as modulation
+        "modulation linears": {"norm1.linear"},
+        "LayerNorms": {"norm1.norm", "norm3"},  # DiT has no cross-attention, so no norm2
+    }
+    pixart_block = find_blocks(tiny_pixart())[0]
+    found = _names(pixart_block, step_profile.block_categories(pixart_block))
+    assert found["cached modules"] == {"attn1", "attn2", "ff"}
+    assert "modulation linears" not in found and "embedders" not in found  # PixArt modulates outside its blocks
+
+
+def test_memory_probe_runs_through_the_second_full_step():
+    dit = tiny_dit()
+    assert speed.probe_steps(None, dit, 50) == 2
+    assert speed.probe_steps(tc.FORAConfig(interval=3), dit, 50) == 4
+    kinds = tc.plan(tc.ToCaConfig.preset("dit-ddim50"), dit, 50, batch_size=2).step_kinds
+    second_full = [i for i, k in enumerate(kinds) if k == "full"][1]
+    assert speed.probe_steps(tc.ToCaConfig.preset("dit-ddim50"), dit, 50) == second_full + 1
+    assert speed.probe_steps(tc.FORAConfig(interval=50), dit, 50) == 50  # one full step: the whole run
+
+
+def test_cpu_peak_memory_probe_measures_the_run():
+    args = argparse.Namespace(dtype="float32", steps=3, blocks=1, threads=1)
+    uncached = speed.cpu_peak_rss_mib("pixart-alpha-256", "no cache", args)
+    cached = speed.cpu_peak_rss_mib("pixart-alpha-256", "FORA N=3", args)
+    # one PixArt-alpha block plus the caption projection and embedders hold well over 100 MiB of float32 weights
+    assert 100 < uncached < 4000 and 100 < cached < 4000
+    with pytest.raises(RuntimeError, match="memory probe"):
+        speed.cpu_peak_rss_mib("pixart-alpha-256", "no such method", args)
+
+
+def test_step_profile_short_run(tmp_path):
+    out = tmp_path / "profile"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_profile.py"), "--model", "dit-xl-2", "--blocks", "1", "--steps", "6",
+         "--repeats", "1", "--split-steps", "3", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    profile = json.loads(out.with_suffix(".json").read_text())["result"]
+    plan = tc.plan(tc.ToCaConfig.preset("dit-ddim50"), speed.build_transformer("dit-xl-2"), 6, batch_size=2)
+    kinds = {k["kind"]: k for k in profile["step_kinds"]}
+    assert sum(k["steps"] for k in kinds.values()) == 6
+    assert {kind: kinds[kind]["steps"] for kind in kinds} == {k: plan.count(k) for k in kinds}
+    assert kinds["full"]["flops_share"] == pytest.approx(1.0)
+    split = profile["reuse_step_seconds"]
+    assert set(split) == set(step_profile.CATEGORIES)
+    assert all(split[c] > 0 for c in ("cached modules", "embedders", "modulation linears", "LayerNorms"))
+    assert profile["weight_read"]["partial_step_bytes"] > profile["weight_read"]["modulation_bytes"] > 0
+    assert "| reuse |" in out.with_suffix(".md").read_text() or "reuse" not in kinds
