@@ -4,7 +4,7 @@
     python benchmarks/summary.py --readme   # and replace the block between the summary markers in README.md
 
 Reads ``results/frontier.json`` (quality against speed on the shipped digits DiT) and every
-``results/speed-*.json`` (wall-clock at the published shapes).
+``results/speed-*.json`` of a full-depth run (wall-clock at the published shapes).
 """
 
 from __future__ import annotations
@@ -50,28 +50,42 @@ def frontier_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def speed_table(path: Path) -> str:
-    data = json.loads(path.read_text())
-    args = data["args"]
-    short = f", first {args['blocks']} blocks of each model" if args.get("blocks") else ""
-    short = short or ", all blocks"
-    steps = f", {args['steps']} steps" if args.get("steps") else ""
-    lines = [f"Wall-clock at the published shapes, random weights, CFG batch 2 ({data['device']}, "
-             f"{args.get('threads') or 'default'} thread(s), {data['dtype']}{short}{steps}, median of "
-             f"{args['repeats']} interleaved repeats, {data['date']}; `benchmarks/speed.py`):", "",
-             "| model | method | FLOPs speed-up | measured speed-up | measured / FLOPs |", "|---|---|---|---|---|"]
-    for r in data["rows"]:
-        if r["method"] == "no cache":
-            continue
-        lines.append(f"| {r['model']} | {r['method']} | {r['flops_speedup']:.2f}x | {r['measured_speedup']:.2f}x | "
-                     f"{r['overhead_ratio']:.2f} |")
+def speed_table(paths: list[Path]) -> str:
+    """One table for full-depth speed runs made on the same device, dtype and thread count."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    first = runs[0]
+    threads = first["args"].get("threads") or "default"
+    dates = sorted({r["date"] for r in runs})
+    repeats = sorted({r["args"]["repeats"] for r in runs})
+    lines = [f"Wall-clock at the published shapes, random weights, CFG batch 2, all blocks ({first['device']}, "
+             f"{threads} thread(s), {first['dtype']}, median of {'/'.join(map(str, repeats))} interleaved repeats, "
+             f"{', '.join(dates)}; `benchmarks/speed.py`; peak memory as the result files say):", "",
+             "| model | method | FLOPs speed-up | measured speed-up | measured / FLOPs | peak mem MiB | cache MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for r in run["rows"]:
+            lines.append(f"| {r['model']} | {r['method']} | {r['flops_speedup']:.2f}x | "
+                         f"{r['measured_speedup']:.2f}x | {r['overhead_ratio']:.2f} | {r['peak_memory_mib']:.0f} | "
+                         f"{r['cache_memory_mib']:.0f} |")
     return "\n".join(lines)
+
+
+def speed_tables() -> list[str]:
+    """Full-depth runs grouped by device, dtype and threads; short versions (``--blocks``/``--steps``) are left
+    to their own result files."""
+    groups: dict[tuple, list[Path]] = {}
+    for path in sorted(RESULTS.glob("speed-*.json")):
+        data = json.loads(path.read_text())
+        if data["args"].get("blocks") or data["args"].get("steps"):
+            continue
+        groups.setdefault((data["device"], data["dtype"], data["args"].get("threads")), []).append(path)
+    return [speed_table(paths) for paths in groups.values()]
 
 
 def summary() -> str:
     frontier = RESULTS / "frontier.json"
     parts = [frontier_table(frontier) if frontier.exists() else "(frontier.json has not been written yet)"]
-    parts += [speed_table(path) for path in sorted(RESULTS.glob("speed-*.json"))]
+    parts += speed_tables()
     return "\n\n".join(parts)
 
 
