@@ -57,9 +57,11 @@ def speed_table(paths: list[Path]) -> str:
     threads = first["args"].get("threads") or "default"
     dates = sorted({r["date"] for r in runs})
     repeats = sorted({r["args"]["repeats"] for r in runs})
+    memory = ("peak mem = the CUDA allocator's peak above the weights" if first["args"]["device"].startswith("cuda")
+              else "peak mem = peak resident size of a fresh process running the method, weights included")
     lines = [f"Wall-clock at the published shapes, random weights, CFG batch 2, all blocks ({first['device']}, "
              f"{threads} thread(s), {first['dtype']}, median of {'/'.join(map(str, repeats))} interleaved repeats, "
-             f"{', '.join(dates)}; `benchmarks/speed.py`; peak memory as the result files say):", "",
+             f"{', '.join(dates)}; `benchmarks/speed.py`; {memory}):", "",
              "| model | method | FLOPs speed-up | measured speed-up | measured / FLOPs | peak mem MiB | cache MiB |",
              "|---|---|---|---|---|---|---|"]
     for run in runs:
