@@ -41,26 +41,13 @@ CATEGORIES = ("cached modules", "embedders", "modulation linears", "LayerNorms",
               "outside the blocks")
 
 
-def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def block_categories(block: BlockEntry) -> list[tuple[str, nn.Module]]:
     """The block's submodules that ``reuse_step_split`` times, each in one category (none nested in another)."""
-    slots = tuple(slot.name for slot, _ in block.slots())
-    embedders = block.layout.embedder_prefixes
     found = [("cached modules", module) for _, module in block.slots()]
-    for name, module in block.module.named_modules():
-        if not name or _inside(name, slots):
-            continue
-        if name in embedders:
-            found.append(("embedders", module))
-        elif _inside(name, embedders):
-            continue
-        elif isinstance(module, nn.Linear):
-            found.append(("modulation linears", module))
-        elif isinstance(module, nn.LayerNorm):
-            found.append(("LayerNorms", module))
+    submodules = dict(block.module.named_modules())
+    found += [("embedders", submodules[prefix]) for prefix in block.layout.embedder_prefixes if prefix in submodules]
+    found += [("modulation linears" if isinstance(module, nn.Linear) else "LayerNorms", module)
+              for _, module in block.overhead_modules()]
     return found
 
 

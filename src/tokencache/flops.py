@@ -50,16 +50,13 @@ def slot_flops(slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int, 
 def block_overhead_flops(block: BlockEntry, num_tokens: int, batch: int) -> int:
     """FLOPs a block spends every step outside its cacheable modules: LayerNorms on all tokens and the
     adaLN modulation projection (one row per sample)."""
-    skip = tuple(f"{slot.name}" for slot in block.layout.slots) + block.layout.embedder_prefixes
     flops = 0
-    for name, module in block.module.named_modules():
-        if not name or any(name == p or name.startswith(p + ".") for p in skip):
-            continue
+    for _, module in block.overhead_modules():
         if isinstance(module, nn.LayerNorm):
             width = 1
             for d in module.normalized_shape:
                 width *= d
             flops += LAYERNORM_FLOPS_PER_ELEMENT * num_tokens * width
-        elif isinstance(module, nn.Linear):
+        else:
             flops += 2 * module.in_features * module.out_features
     return batch * flops

@@ -82,6 +82,15 @@ class BlockEntry:
         return present
 
 
+    def overhead_modules(self) -> list[tuple[str, nn.Module]]:
+        """The block's LayerNorms and Linears outside its cacheable modules and embedders: the work it does
+        every step whatever the cache decides (norms on all tokens, adaLN modulation on one row per sample)."""
+        skip = tuple(slot.name for slot in self.layout.slots) + self.layout.embedder_prefixes
+        return [(name, module) for name, module in self.module.named_modules()
+                if name and not any(name == p or name.startswith(p + ".") for p in skip)
+                and isinstance(module, (nn.Linear, nn.LayerNorm))]
+
+
 def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
     """Return the cacheable blocks of ``transformer`` in depth order.
 

@@ -42,7 +42,7 @@ class Plan:
     """Per step and block, the largest fraction of tokens any of its modules recomputes."""
     flops: int
     flops_full: int
-    step_flops: tuple[int, ...] = ()
+    step_flops: tuple[int, ...]
     """FLOPs of each step; an uncached step costs ``flops_full / num_steps``."""
 
     @property
