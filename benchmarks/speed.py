@@ -5,6 +5,12 @@ and PixArt-alpha 256 / 512 (DPM-Solver 20 steps), all with a CFG batch of 2. For
 run and the cached run are made in the same process, interleaved, and the speed-up is the median over
 repeats of (uncached seconds / cached seconds) of the same repeat.
 
+``tc.apply`` also routes few-row linears (per-step adaLN modulation, timestep embedders) through
+``W @ xᵀ`` on the CPU by default (tokencache.small_linear). So that the table separates that from the cache,
+one more row times the uncached model with only that route, and the last column gives each method's
+measured / FLOPs ratio against that row instead of the stock uncached run. ``--no-small-batch-linear``
+times the caches without the route (and drops the row).
+
     python benchmarks/speed.py                        # the full run behind the committed table
     python benchmarks/speed.py --models dit-xl-2 --steps 10 --blocks 4 --repeats 1   # a short version
 
@@ -90,10 +96,23 @@ class CudaPeakMemory:
         self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
 
 
+SMALL_LINEAR_ROW = "no cache, small-batch linear"
+
+
+def attach(transformer: torch.nn.Module, config, args: argparse.Namespace):
+    """Apply one timed method: None (stock model), the small-batch linear route alone, or a cache."""
+    if config is None:
+        return None
+    if isinstance(config, tc.SmallBatchLinearConfig):
+        return tc.apply_small_batch_linear(transformer, config)
+    return tc.apply(transformer, config, small_batch_linear=None if getattr(args, "no_small_batch_linear", False)
+                    else tc.SmallBatchLinearConfig())
+
+
 def probe_steps(config, transformer: torch.nn.Module, steps: int) -> int:
     """How many steps reach a method's peak memory: through its second full step, when the cache is already
     full and a full step's activations (and score maps) come on top. Partial steps compute fewer tokens."""
-    if config is None:
+    if config is None or isinstance(config, tc.SmallBatchLinearConfig):
         return min(steps, 2)
     kinds = tc.plan(config, transformer, steps, batch_size=2, context_tokens=TEXT_TOKENS).step_kinds
     full = [i for i, kind in enumerate(kinds) if kind == "full"]
@@ -108,6 +127,8 @@ def cpu_peak_rss_mib(model_name: str, method: str, args: argparse.Namespace) -> 
     for flag in ("steps", "blocks", "threads"):
         if getattr(args, flag):
             command += [f"--{flag}", str(getattr(args, flag))]
+    if getattr(args, "no_small_batch_linear", False):
+        command.append("--no-small-batch-linear")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"memory probe for {model_name} / {method} failed:\n{result.stderr[-2000:]}")
@@ -122,7 +143,7 @@ def rss_probe(method: str, args: argparse.Namespace) -> None:
     steps = args.steps or SETTINGS[model_name]["steps"]
     transformer, scheduler, inputs, methods = setup(model_name, args, torch.device("cpu"), getattr(torch, args.dtype))
     config = methods[method]
-    handle = tc.apply(transformer, config) if config is not None else None
+    handle = attach(transformer, config, args)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     sample(transformer, scheduler, steps, inputs, handle, stop_after=probe_steps(config, transformer, steps))
@@ -161,7 +182,7 @@ def sample(transformer, scheduler, steps: int, inputs: dict, handle=None,
 
     scheduler.set_timesteps(steps, device=device)
     x = inputs["latents"].clone()
-    run = handle.sampling(num_steps=steps) if handle is not None else contextlib.nullcontext()
+    run = handle.sampling(num_steps=steps) if isinstance(handle, tc.CacheHandle) else contextlib.nullcontext()
     sync()
     start = time.perf_counter()
     with torch.no_grad(), run:
@@ -186,7 +207,10 @@ def setup(model_name: str, args: argparse.Namespace, device: torch.device, dtype
         transformer.transformer_blocks = transformer.transformer_blocks[: args.blocks]
     inputs = make_inputs(model_name, transformer, device, dtype)
     tokencache_name, tokencache = tokencache_config(transformer, steps)
-    methods = {"no cache": None, **setting["methods"], tokencache_name: tokencache}
+    methods = {"no cache": None}
+    if not getattr(args, "no_small_batch_linear", False):
+        methods[SMALL_LINEAR_ROW] = tc.SmallBatchLinearConfig()
+    methods.update({**setting["methods"], tokencache_name: tokencache})
     return transformer, setting["scheduler"](), inputs, methods
 
 
@@ -209,25 +233,26 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
     progress = tqdm(total=args.repeats * len(methods), desc=model_name, leave=False)
     for _ in range(args.repeats):
         for name, config in methods.items():
-            handle = tc.apply(transformer, config) if config is not None else None
-            if handle is not None and device.type == "cpu":
+            handle = attach(transformer, config, args)
+            cache = handle if isinstance(handle, tc.CacheHandle) else None
+            if cache is not None and device.type == "cpu":
                 handle.timing(True)  # perf_counter around the engine's sections; no device sync on the CPU
             with CudaPeakMemory(device) if device.type == "cuda" else contextlib.nullcontext() as peak:
                 seconds[name].append(sample(transformer, scheduler, steps, inputs, handle))
             if peak is not None:
                 cuda_peaks[name].append(peak.peak_bytes)
+            if cache is not None:
+                extra[name] = dict(stats=cache.stats())
             if handle is not None:
-                stats = handle.stats()
                 handle.remove()
-                extra[name] = dict(stats=stats)
             progress.update()
     progress.close()
 
     if device.type == "cuda":  # the overhead split needs device syncs: one extra run per method
         for name, config in methods.items():
-            if config is None:
+            if config is None or isinstance(config, tc.SmallBatchLinearConfig):
                 continue
-            handle = tc.apply(transformer, config)
+            handle = attach(transformer, config, args)
             handle.timing(True)
             sample(transformer, scheduler, steps, inputs, handle)
             extra[name]["timed"] = handle.stats()
@@ -240,14 +265,19 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
         row = dict(model=model_name, method=name, steps=steps, blocks=len(transformer.transformer_blocks),
                    seconds_median=statistics.median(seconds[name]), seconds=seconds[name],
                    measured_speedup=statistics.median(ratios), peak_memory_mib=peaks[name])
-        if config is None:
-            row.update(flops_speedup=1.0, overhead_ratio=1.0, cache_memory_mib=0.0)
+        if SMALL_LINEAR_ROW in seconds:
+            ratios = [a / b for a, b in zip(seconds[SMALL_LINEAR_ROW], seconds[name], strict=True)]
+            row["measured_speedup_vs_small_linear"] = statistics.median(ratios)
+        if config is None or isinstance(config, tc.SmallBatchLinearConfig):
+            row.update(flops_speedup=1.0, overhead_ratio=row["measured_speedup"], cache_memory_mib=0.0)
         else:
             stats = extra[name]["stats"]
             plan = tc.plan(config, transformer, steps, batch_size=2, context_tokens=TEXT_TOKENS)
             assert plan.flops == stats.flops, "the run's FLOPs must equal the plan's"
             timed = extra[name].get("timed", stats).seconds
             engine = timed.get("select", 0.0) + timed.get("gather", 0.0) + timed.get("scatter", 0.0)
+            if "measured_speedup_vs_small_linear" in row:
+                row["overhead_ratio_vs_small_linear"] = row["measured_speedup_vs_small_linear"] / plan.speedup
             row.update(flops_speedup=plan.speedup, overhead_ratio=row["measured_speedup"] / plan.speedup,
                        cache_memory_mib=stats.cache_bytes / 2**20,
                        engine_share_of_cached_steps=engine / timed["cached_steps"] if timed.get("cached_steps")
@@ -258,16 +288,20 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
 
 
 def markdown(rows: list[dict], header: str) -> str:
+    both = any("overhead_ratio_vs_small_linear" in r for r in rows)
     lines = [header, "",
              "| model | method | FLOPs speed-up | measured speed-up | measured / FLOPs | median s | "
-             "select+gather+scatter share of cached steps | peak mem MiB | cache MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "select+gather+scatter share of cached steps | peak mem MiB | cache MiB |"
+             + (" measured / FLOPs against the small-batch linear row |" if both else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if both else "")]
     for r in rows:
         share = r.get("engine_share_of_cached_steps")
+        fair = r.get("overhead_ratio_vs_small_linear")
+        last = (" - |" if fair is None else f" {fair:.2f} |") if both else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['flops_speedup']:.2f}x | {r['measured_speedup']:.2f}x | "
                      f"{r['overhead_ratio']:.2f} | {r['seconds_median']:.1f} | "
                      f"{'-' if share is None else f'{share:.1%}'} | {r['peak_memory_mib']:.0f} | "
-                     f"{r['cache_memory_mib']:.1f} |")
+                     f"{r['cache_memory_mib']:.1f} |{last}")
     return "\n".join(lines) + "\n"
 
 
@@ -282,6 +316,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="result file stem (default results/speed-<device>-<dtype>)")
+    parser.add_argument("--no-small-batch-linear", action="store_true",
+                        help="time the caches with tc.apply(..., small_batch_linear=None) and drop the route's row")
     parser.add_argument("--memory-only", action="store_true",
                         help="re-measure only the peak-memory column of the existing result file --out")
     parser.add_argument("--rss-probe", default=None, metavar="METHOD", help=argparse.SUPPRESS)  # cpu_peak_rss_mib
@@ -334,7 +370,8 @@ def remeasure_memory(stem: Path, parser: argparse.ArgumentParser) -> None:
     if not path.exists():
         parser.error(f"--memory-only: no result file {path}")
     result = json.loads(path.read_text())
-    saved = argparse.Namespace(**result["args"])
+    # files from before the small-batch linear route existed were timed without it
+    saved = argparse.Namespace(**{"no_small_batch_linear": True, **result["args"]})
     if saved.device != "cpu":
         parser.error(f"--memory-only re-measures CPU results; {path} is from {saved.device}")
     for row in tqdm(result["rows"], desc="memory"):

@@ -50,9 +50,8 @@ def frontier_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def speed_table(paths: list[Path]) -> str:
-    """One table for full-depth speed runs made on the same device, dtype and thread count."""
-    runs = [json.loads(p.read_text()) for p in paths]
+def speed_table(runs: list[dict]) -> str:
+    """One table for full-depth speed runs (result files' contents) made on the same device, dtype and threads."""
     first = runs[0]
     threads = first["args"].get("threads") or "default"
     dates = sorted({r["date"] for r in runs})
@@ -62,12 +61,18 @@ def speed_table(paths: list[Path]) -> str:
     lines = [f"Wall-clock at the published shapes, random weights, CFG batch 2, all blocks ({first['device']}, "
              f"{threads} thread(s), {first['dtype']}, median of {'/'.join(map(str, repeats))} interleaved repeats, "
              f"{', '.join(dates)}; `benchmarks/speed.py`; {memory}):", "",
-             "| model | method | FLOPs speed-up | measured speed-up | measured / FLOPs | peak mem MiB | cache MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | method | few-row linears | FLOPs speed-up | measured speed-up | measured / FLOPs | "
+             "measured / FLOPs, same linears uncached | peak mem MiB | cache MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
+        # runs from before the route existed, or with --no-small-batch-linear, time every method with stock linears
+        routed = not run["args"].get("no_small_batch_linear", True)
         for r in run["rows"]:
-            lines.append(f"| {r['model']} | {r['method']} | {r['flops_speedup']:.2f}x | "
-                         f"{r['measured_speedup']:.2f}x | {r['overhead_ratio']:.2f} | {r['peak_memory_mib']:.0f} | "
+            stock = r["method"] == "no cache" or not routed
+            same = r["overhead_ratio"] if stock else r.get("overhead_ratio_vs_small_linear")
+            lines.append(f"| {r['model']} | {r['method']} | {'stock' if stock else 'W @ xᵀ'} | "
+                         f"{r['flops_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['overhead_ratio']:.2f} | "
+                         f"{'-' if same is None else f'{same:.2f}'} | {r['peak_memory_mib']:.0f} | "
                          f"{r['cache_memory_mib']:.0f} |")
     return "\n".join(lines)
 
@@ -75,13 +80,13 @@ def speed_table(paths: list[Path]) -> str:
 def speed_tables() -> list[str]:
     """Full-depth runs grouped by device, dtype and threads; short versions (``--blocks``/``--steps``) are left
     to their own result files."""
-    groups: dict[tuple, list[Path]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for path in sorted(RESULTS.glob("speed-*.json")):
         data = json.loads(path.read_text())
         if data["args"].get("blocks") or data["args"].get("steps"):
             continue
-        groups.setdefault((data["device"], data["dtype"], data["args"].get("threads")), []).append(path)
-    return [speed_table(paths) for paths in groups.values()]
+        groups.setdefault((data["device"], data["dtype"], data["args"].get("threads")), []).append(data)
+    return [speed_table(runs) for runs in groups.values()]
 
 
 def summary() -> str:

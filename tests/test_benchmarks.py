@@ -52,6 +52,39 @@ def test_memory_probe_runs_through_the_second_full_step():
     second_full = [i for i, k in enumerate(kinds) if k == "full"][1]
     assert speed.probe_steps(tc.ToCaConfig.preset("dit-ddim50"), dit, 50) == second_full + 1
     assert speed.probe_steps(tc.FORAConfig(interval=50), dit, 50) == 50  # one full step: the whole run
+    assert speed.probe_steps(tc.SmallBatchLinearConfig(), dit, 50) == 2  # no cache: like the uncached run
+
+
+@pytest.mark.parametrize("no_route", [False, True])
+def test_speed_rows_separate_the_linear_route_from_the_cache(monkeypatch, no_route):
+    """One block, three steps: the route's own row, each cache's ratio against it, and the summary's columns."""
+    import summary
+
+    monkeypatch.setattr(speed, "peak_memory", lambda model, methods, *rest: dict.fromkeys(methods, 1.0))
+    args = argparse.Namespace(steps=3, blocks=1, repeats=1, threads=1, dtype="float32", device="cpu",
+                              no_small_batch_linear=no_route)
+    routes = []
+    real_apply = tc.apply
+    monkeypatch.setattr(tc, "apply", lambda *a, **k: routes.append(k["small_batch_linear"]) or real_apply(*a, **k))
+    rows = speed.bench_model("dit-xl-2", args, speed.torch.device("cpu"), speed.torch.float32)
+    methods = [r["method"] for r in rows]
+    assert (speed.SMALL_LINEAR_ROW in methods) is not no_route
+    assert routes and all((r is None) is no_route for r in routes)
+    for r in rows:
+        if r["method"] in ("no cache", speed.SMALL_LINEAR_ROW):
+            assert r["flops_speedup"] == 1.0 and r["cache_memory_mib"] == 0.0
+        else:
+            assert r["flops_speedup"] > 1.0 and r["engine_share_of_cached_steps"] >= 0.0
+        assert ("overhead_ratio_vs_small_linear" in r) is (not no_route and r["flops_speedup"] > 1.0)
+        if not no_route:
+            want = r["measured_speedup_vs_small_linear"] / r["flops_speedup"]
+            assert r.get("overhead_ratio_vs_small_linear", want) == pytest.approx(want)
+    table = speed.markdown(rows, "header")
+    assert ("against the small-batch linear row" in table) is not no_route
+    run = dict(device="cpu", dtype="float32", date="today", args=vars(args), rows=rows)
+    lines = summary.speed_table([run]).splitlines()
+    cached = next(line for line in lines if "| ToCa dit-ddim50 (attention) |" in line)
+    assert ("| W @ xᵀ |" in cached) is not no_route and ("| stock |" in cached) is no_route
 
 
 def test_cpu_peak_memory_probe_measures_the_run():

@@ -15,6 +15,7 @@ from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_c
 from .plan import Plan, plan
 from .predictor import TokenCachePredictor
 from .presets import preset, presets
+from .small_linear import SmallBatchLinearConfig, SmallBatchLinearHandle, apply_small_batch_linear
 
 __version__ = "0.1.0"
 
@@ -27,12 +28,15 @@ __all__ = [
     "FORAConfig",
     "ModuleSlot",
     "Plan",
+    "SmallBatchLinearConfig",
+    "SmallBatchLinearHandle",
     "StepRamp",
     "TPRR",
     "ToCaConfig",
     "TokenCacheConfig",
     "TokenCachePredictor",
     "apply",
+    "apply_small_batch_linear",
     "calibrate",
     "class_calls",
     "plan",

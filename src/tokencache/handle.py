@@ -10,10 +10,19 @@ from typing import Any
 from torch import nn
 
 from .engine import CacheEngine, RunRecord
-from .hooks import MODULE_HOOK, TRANSFORMER_HOOK, HookInstaller, ModuleCacheHook, TransformerHook, is_applied
+from .hooks import (
+    MODULE_HOOK,
+    TRANSFORMER_HOOK,
+    HookInstaller,
+    ModuleCacheHook,
+    TransformerHook,
+    is_applied,
+    resolve_target,
+)
 from .layouts import find_blocks
 from .plan import default_num_tokens
 from .processors import ScoringAttnProcessor, unsupported_reason
+from .small_linear import DEFAULT_SMALL_BATCH_LINEAR, SmallBatchLinearConfig, install_small_batch_linear
 
 
 @dataclass(frozen=True)
@@ -78,26 +87,18 @@ def _stats_from(method: str, record: RunRecord) -> CacheStats:
     )
 
 
-def _resolve_target(target: Any) -> tuple[nn.Module, Any | None]:
-    if isinstance(target, nn.Module):
-        return target, None
-    transformer = getattr(target, "transformer", None)
-    if isinstance(transformer, nn.Module) and hasattr(target, "scheduler"):
-        return transformer, target
-    raise TypeError(f"target must be a diffusers pipeline with a `transformer` and a `scheduler`, or a "
-                    f"transformer nn.Module; got {type(target).__name__}")
-
-
 class CacheHandle:
     """Returned by :func:`apply`: statistics of the last run, run marking for hand-written loops, removal."""
 
     def __init__(self, engine: CacheEngine, installer: HookInstaller, processors: list[tuple[nn.Module, Any]],
-                 transformer: nn.Module) -> None:
+                 transformer: nn.Module, small_batch_linear: SmallBatchLinearConfig | None = None) -> None:
         self._engine = engine
         self._installer = installer
         self._processors = processors
         self.transformer = transformer
         self.config = engine.config
+        self.small_batch_linear = small_batch_linear
+        """The few-row linear routing installed with the cache (None: none)."""
         self._removed = False
 
     def stats(self) -> CacheStats:
@@ -140,12 +141,21 @@ class CacheHandle:
             raise RuntimeError("this cache handle was removed")
 
 
-def apply(target: Any, config: Any) -> CacheHandle:
-    """Attach the cache described by ``config`` to a diffusers pipeline (its ``transformer``) or a transformer."""
+def apply(target: Any, config: Any,
+          small_batch_linear: SmallBatchLinearConfig | None = DEFAULT_SMALL_BATCH_LINEAR) -> CacheHandle:
+    """Attach the cache described by ``config`` to a diffusers pipeline (its ``transformer``) or a transformer.
+
+    ``small_batch_linear``: also compute the transformer's linears on a few rows (the per-step adaLN
+    modulation and timestep embedders, one row per sample) as ``W @ xᵀ`` on the CPU, which a cache makes
+    a large share of each step (see :mod:`tokencache.small_linear`); ``None`` leaves them to PyTorch.
+    """
     if not hasattr(config, "build_policy"):
         raise TypeError(f"config must be a tokencache config (ToCaConfig, FORAConfig, ...); "
                         f"got {type(config).__name__}")
-    transformer, pipeline = _resolve_target(target)
+    if small_batch_linear is not None and not isinstance(small_batch_linear, SmallBatchLinearConfig):
+        raise TypeError(f"small_batch_linear must be a SmallBatchLinearConfig or None; "
+                        f"got {type(small_batch_linear).__name__}")
+    transformer, pipeline = resolve_target(target)
     if is_applied(transformer):
         raise RuntimeError(f"a tokencache cache is already applied to this {type(transformer).__name__}; "
                            "call handle.remove() first")
@@ -185,4 +195,6 @@ def apply(target: Any, config: Any) -> CacheHandle:
     for block in blocks:
         for slot, module in block.slots():
             installer.register(module, ModuleCacheHook(engine, block, slot), MODULE_HOOK)
-    return CacheHandle(engine, installer, processors, transformer)
+    if small_batch_linear is not None:
+        install_small_batch_linear(transformer, small_batch_linear, installer)
+    return CacheHandle(engine, installer, processors, transformer, small_batch_linear)

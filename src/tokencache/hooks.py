@@ -86,3 +86,14 @@ class HookInstaller:
 def is_applied(module: nn.Module) -> bool:
     registry = getattr(module, "_diffusers_hook", None)
     return registry is not None and registry.get_hook(TRANSFORMER_HOOK) is not None
+
+
+def resolve_target(target: Any) -> tuple[nn.Module, Any | None]:
+    """The transformer of ``target`` (a pipeline or a transformer) and the pipeline, if one was given."""
+    if isinstance(target, nn.Module):
+        return target, None
+    transformer = getattr(target, "transformer", None)
+    if isinstance(transformer, nn.Module) and hasattr(target, "scheduler"):
+        return transformer, target
+    raise TypeError(f"target must be a diffusers pipeline with a `transformer` and a `scheduler`, or a "
+                    f"transformer nn.Module; got {type(target).__name__}")
