@@ -137,3 +137,11 @@ def test_wide_input_matches_f_linear_at_real_shapes():
     got = linear(x)
     want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
     assert (got.double() - want).abs().max() < 1e-4
+
+
+def test_only_float32_cpu_linears_get_the_hook():
+    half = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).to(torch.bfloat16)
+    assert tc.apply_small_batch_linear(half).num_linears == 0
+    assert not any(hasattr(m, "_diffusers_hook") for m in half)
+    mixed = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).double())
+    assert tc.apply_small_batch_linear(mixed).num_linears == 1

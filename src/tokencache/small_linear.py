@@ -60,10 +60,12 @@ class SmallBatchLinearHook(ModelHook):
 
 def install_small_batch_linear(transformer: nn.Module, config: SmallBatchLinearConfig,
                                installer: HookInstaller) -> int:
-    """Register the hook on every ``nn.Linear`` of ``transformer`` that has none yet; returns how many."""
+    """Register the hook on every float32 CPU ``nn.Linear`` of ``transformer`` that has none yet; returns how
+    many. Linears elsewhere get no hook, so a model on a GPU pays no per-call Python cost for it."""
     count = 0
     for module in transformer.modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu" \
+                or module.weight.dtype != torch.float32:
             continue
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(SMALL_LINEAR_HOOK) is not None:
