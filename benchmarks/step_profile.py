@@ -80,10 +80,10 @@ class SectionClock:
 
 
 def reuse_step_split(transformer: nn.Module, blocks: list[BlockEntry], scheduler, inputs: dict, steps: int,
-                     device: torch.device) -> dict[str, float]:
+                     device: torch.device, route: tc.SmallBatchLinearConfig | None) -> dict[str, float]:
     """Seconds per category of one reuse step (median over the reuse steps of a FORA run that computes
     only its first step)."""
-    handle = tc.apply(transformer, tc.FORAConfig(interval=steps))
+    handle = tc.apply(transformer, tc.FORAConfig(interval=steps), small_batch_linear=route)
     clock = SectionClock(device)
     for block in blocks:
         clock.watch(block.module, "blocks")
@@ -140,6 +140,7 @@ def profile(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     scheduler = setting["scheduler"]()
     inputs = make_inputs(args.model, transformer, device, dtype)
     method, config = next(iter(setting["methods"].items()))
+    route = None if args.no_small_batch_linear else tc.SmallBatchLinearConfig()  # tc.apply's default
     plan = tc.plan(config, transformer, steps, batch_size=2, context_tokens=TEXT_TOKENS)
     sample(transformer, scheduler, min(steps, 3), inputs)  # warm-up
 
@@ -148,7 +149,7 @@ def profile(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     for _ in range(args.repeats):  # interleaved
         uncached.append([])
         sample(transformer, scheduler, steps, inputs, None, uncached[-1])
-        handle = tc.apply(transformer, config)
+        handle = tc.apply(transformer, config, small_batch_linear=route)
         cached.append([])
         sample(transformer, scheduler, steps, inputs, handle, cached[-1])
         handle.remove()
@@ -168,7 +169,7 @@ def profile(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     uncached_run = statistics.median(sum(run) for run in uncached)
     cached_run = statistics.median(sum(run) for run in cached)
 
-    split = reuse_step_split(transformer, blocks, scheduler, inputs, min(steps, args.split_steps), device)
+    split = reuse_step_split(transformer, blocks, scheduler, inputs, min(steps, args.split_steps), device, route)
     cacheable = [m for b in blocks for _, m in b.slots()]
     modulation = [m for b in blocks for c, m in block_categories(b) if c == "modulation linears"]
     floor_partial, bytes_partial = weight_read_seconds(cacheable + modulation, device)
@@ -176,7 +177,7 @@ def profile(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) 
     # A reuse step's time outside the cached modules is work every step does, cached or not; without it:
     step_work = sum(v for c, v in split.items() if c != "cached modules") * steps
     return dict(
-        model=args.model, method=method, steps=steps, blocks=len(blocks),
+        model=args.model, method=method, steps=steps, blocks=len(blocks), small_batch_linear=route is not None,
         uncached_step_seconds=uncached_step, uncached_run_seconds=uncached_run, cached_run_seconds=cached_run,
         flops_speedup=plan.speedup, measured_speedup=uncached_run / cached_run,
         speedup_without_per_step_work=(uncached_run - step_work) / (cached_run - step_work), step_kinds=kinds,
@@ -192,7 +193,9 @@ def markdown(result: dict, header: str) -> str:
              f"{result['model']}, {result['blocks']} blocks, {result['steps']} steps, {result['method']}: "
              f"FLOPs speed-up {result['flops_speedup']:.2f}x, measured {result['measured_speedup']:.2f}x "
              f"({result['measured_speedup'] / result['flops_speedup']:.2f} of FLOPs). "
-             f"Uncached step: {full:.3f} s.", "",
+             f"Uncached step: {full:.3f} s. Cached runs "
+             + ("route few-row linears through W @ xᵀ (tc.apply's default); uncached runs are stock."
+                if result.get("small_batch_linear") else "use stock linears (--no-small-batch-linear)."), "",
              "| step kind | steps | time / uncached step | FLOPs / uncached step | excess |",
              "|---|---|---|---|---|"]
     for k in result["step_kinds"]:
@@ -226,6 +229,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-small-batch-linear", action="store_true",
+                        help="cached runs with tc.apply(..., small_batch_linear=None): stock linears")
     parser.add_argument("--out", default=None,
                         help="result file stem (default results/step-profile-<device>-<dtype>-<model>)")
     args = parser.parse_args()
