@@ -18,7 +18,15 @@ def _hooked(linear: nn.Linear) -> bool:
 
 
 def _linears(pipe) -> list[nn.Linear]:
-    return [m for m in pipe.transformer.modules() if isinstance(m, nn.Linear)]
+    """The linears outside the blocks' attention and MLP modules (conditioning path, final layer)."""
+    token_path = {id(m) for block in pipe.transformer.transformer_blocks for name in ("attn1", "ff")
+                  for m in getattr(block, name).modules()}
+    return [m for m in pipe.transformer.modules() if isinstance(m, nn.Linear) and id(m) not in token_path]
+
+
+def _token_linears(pipe) -> list[nn.Linear]:
+    ours = {id(m) for m in _linears(pipe)}
+    return [m for m in pipe.transformer.modules() if isinstance(m, nn.Linear) and id(m) not in ours]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -94,6 +102,9 @@ def test_standalone_on_a_pipeline_matches_and_removes_exactly():
     reference = dit_pipe_run(pipe)
     handle = tc.apply_small_batch_linear(pipe)
     assert handle.num_linears == len(_linears(pipe))
+    names = {n for n, m in pipe.transformer.named_modules() if _hooked(m)}
+    assert {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"} <= names
+    assert _token_linears(pipe) and not any(_hooked(m) for m in _token_linears(pipe))  # rows are tokens there
     routed = dit_pipe_run(pipe)
     assert torch.allclose(torch.from_numpy(routed), torch.from_numpy(reference), atol=1e-5)
     handle.remove()

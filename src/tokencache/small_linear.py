@@ -7,6 +7,7 @@ work is skipped, so these become a large share of a cached step (62 % of a DiT-X
 the same product taken as ``W @ xᵀ``, which reads the weight as the BLAS prefers; the result is the same
 up to float32 rounding. The hook below reroutes only CPU float32 inputs with at most ``max_rows`` rows
 (on bfloat16/float16 the rerouted product measured slower) and leaves every other call to the module.
+Only linears outside the blocks' cacheable modules get the hook: inside them the rows are tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from .config import check_number
 from .hooks import HookInstaller, resolve_target
+from .layouts import find_blocks
 
 SMALL_LINEAR_HOOK = "tokencache_small_linear"
 
@@ -58,13 +60,26 @@ class SmallBatchLinearHook(ModelHook):
         return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+def token_path_linears(transformer: nn.Module) -> set[int]:
+    """ids of the linears inside the blocks' cacheable modules: their rows are tokens, so the route never
+    applies to them in an uncached call, and they are left without a hook (no per-call cost)."""
+    try:
+        blocks = find_blocks(transformer)
+    except TypeError:  # no registered block layout: every linear is a candidate
+        return set()
+    return {id(m) for block in blocks for _, module in block.slots() for m in module.modules()
+            if isinstance(m, nn.Linear)}
+
+
 def install_small_batch_linear(transformer: nn.Module, config: SmallBatchLinearConfig,
                                installer: HookInstaller) -> int:
-    """Register the hook on every float32 CPU ``nn.Linear`` of ``transformer`` that has none yet; returns how
-    many. Linears elsewhere get no hook, so a model on a GPU pays no per-call Python cost for it."""
+    """Register the hook on the float32 CPU ``nn.Linear`` of ``transformer`` outside its blocks' cacheable
+    modules (the per-step conditioning path: adaLN modulation, embedders) that have none yet; returns how
+    many. Linears on a GPU get no hook, so such a model pays no per-call Python cost for it."""
+    skip = token_path_linears(transformer)
     count = 0
     for module in transformer.modules():
-        if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu" \
+        if not isinstance(module, nn.Linear) or id(module) in skip or module.weight.device.type != "cpu" \
                 or module.weight.dtype != torch.float32:
             continue
         registry = getattr(module, "_diffusers_hook", None)
