@@ -105,8 +105,9 @@ def attach(transformer: torch.nn.Module, config, args: argparse.Namespace):
         return None
     if isinstance(config, tc.SmallBatchLinearConfig):
         return tc.apply_small_batch_linear(transformer, config)
-    return tc.apply(transformer, config, small_batch_linear=None if getattr(args, "no_small_batch_linear", False)
-                    else tc.SmallBatchLinearConfig())
+    if getattr(args, "no_small_batch_linear", False):
+        return tc.apply(transformer, config, small_batch_linear=None)
+    return tc.apply(transformer, config)  # tc.apply's default route
 
 
 def probe_steps(config, transformer: torch.nn.Module, steps: int) -> int:

@@ -65,7 +65,8 @@ def test_speed_rows_separate_the_linear_route_from_the_cache(monkeypatch, no_rou
                               no_small_batch_linear=no_route)
     routes = []
     real_apply = tc.apply
-    monkeypatch.setattr(tc, "apply", lambda *a, **k: routes.append(k["small_batch_linear"]) or real_apply(*a, **k))
+    monkeypatch.setattr(tc, "apply", lambda *a, **k: routes.append(k.get("small_batch_linear", "default"))
+                        or real_apply(*a, **k))
     rows = speed.bench_model("dit-xl-2", args, speed.torch.device("cpu"), speed.torch.float32)
     methods = [r["method"] for r in rows]
     assert (speed.SMALL_LINEAR_ROW in methods) is not no_route

@@ -145,9 +145,10 @@ def apply(target: Any, config: Any,
           small_batch_linear: SmallBatchLinearConfig | None = DEFAULT_SMALL_BATCH_LINEAR) -> CacheHandle:
     """Attach the cache described by ``config`` to a diffusers pipeline (its ``transformer``) or a transformer.
 
-    ``small_batch_linear``: also compute the transformer's linears on a few rows (the per-step adaLN
-    modulation and timestep embedders, one row per sample) as ``W @ xᵀ`` on the CPU, which a cache makes
-    a large share of each step (see :mod:`tokencache.small_linear`); ``None`` leaves them to PyTorch.
+    ``small_batch_linear``: also compute the transformer's conditioning linears (outside the attention and
+    MLP modules: the per-step adaLN modulation and timestep embedders, one row per sample) as ``W @ xᵀ``
+    on the CPU, which a cache makes a large share of each step (see :mod:`tokencache.small_linear`);
+    ``None`` leaves them to PyTorch.
     """
     if not hasattr(config, "build_policy"):
         raise TypeError(f"config must be a tokencache config (ToCaConfig, FORAConfig, ...); "
@@ -196,5 +197,5 @@ def apply(target: Any, config: Any,
         for slot, module in block.slots():
             installer.register(module, ModuleCacheHook(engine, block, slot), MODULE_HOOK)
     if small_batch_linear is not None:
-        install_small_batch_linear(transformer, small_batch_linear, installer)
+        install_small_batch_linear(transformer, small_batch_linear, installer, blocks)
     return CacheHandle(engine, installer, processors, transformer, small_batch_linear)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import check_number
 from .hooks import HookInstaller, resolve_target
-from .layouts import find_blocks
+from .layouts import BlockEntry, find_blocks
 
 SMALL_LINEAR_HOOK = "tokencache_small_linear"
 
@@ -60,23 +60,19 @@ class SmallBatchLinearHook(ModelHook):
         return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def token_path_linears(transformer: nn.Module) -> set[int]:
+def token_path_linears(blocks: list[BlockEntry]) -> set[int]:
     """ids of the linears inside the blocks' cacheable modules: their rows are tokens, so the route never
     applies to them in an uncached call, and they are left without a hook (no per-call cost)."""
-    try:
-        blocks = find_blocks(transformer)
-    except TypeError:  # no registered block layout: every linear is a candidate
-        return set()
     return {id(m) for block in blocks for _, module in block.slots() for m in module.modules()
             if isinstance(m, nn.Linear)}
 
 
-def install_small_batch_linear(transformer: nn.Module, config: SmallBatchLinearConfig,
-                               installer: HookInstaller) -> int:
-    """Register the hook on the float32 CPU ``nn.Linear`` of ``transformer`` outside its blocks' cacheable
+def install_small_batch_linear(transformer: nn.Module, config: SmallBatchLinearConfig, installer: HookInstaller,
+                               blocks: list[BlockEntry]) -> int:
+    """Register the hook on the float32 CPU ``nn.Linear`` of ``transformer`` outside its ``blocks``' cacheable
     modules (the per-step conditioning path: adaLN modulation, embedders) that have none yet; returns how
     many. Linears on a GPU get no hook, so such a model pays no per-call Python cost for it."""
-    skip = token_path_linears(transformer)
+    skip = token_path_linears(blocks)
     count = 0
     for module in transformer.modules():
         if not isinstance(module, nn.Linear) or id(module) in skip or module.weight.device.type != "cpu" \
@@ -112,6 +108,10 @@ def apply_small_batch_linear(target: Any, config: SmallBatchLinearConfig | None 
     if not isinstance(config, SmallBatchLinearConfig):
         raise TypeError(f"config must be a SmallBatchLinearConfig or None; got {type(config).__name__}")
     transformer, _ = resolve_target(target)
+    try:
+        blocks = find_blocks(transformer)
+    except TypeError:  # no registered block layout: every linear is a candidate
+        blocks = []
     installer = HookInstaller()
-    return SmallBatchLinearHandle(installer, install_small_batch_linear(transformer, config, installer))
+    return SmallBatchLinearHandle(installer, install_small_batch_linear(transformer, config, installer, blocks))
 
