@@ -18,11 +18,27 @@ from .layouts import MODULE_KINDS
 
 ScoreName = Literal["attention", "cross_attention_entropy", "value_norm", "similarity", "random"]
 SCORES: tuple[str, ...] = ("attention", "cross_attention_entropy", "value_norm", "similarity", "random")
+FULL_STEP_PLACEMENTS: tuple[str, ...] = ("relative", "official")
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fail(cls: type, name: str, allowed: str, value: Any) -> ValueError:
     return ValueError(f"{cls.__name__}.{name} must be {allowed}; got {value!r}")
+
+
+def _short(value: Any) -> Any:
+    """``value`` for an error message: a huge integer as its magnitude, not hundreds of digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return _Magnitude(value)
+    return value
+
+
+class _Magnitude:
+    def __init__(self, value: int) -> None:
+        self.text = f"{'-' if value < 0 else ''}an integer of {len(str(abs(value)))} digits"
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 def check_number(cls: type, name: str, value: Any, lo: float | None = None, hi: float | None = None,
@@ -35,8 +51,14 @@ def check_number(cls: type, name: str, value: Any, lo: float | None = None, hi: 
     if hi is not None:
         bounds.append(f"<= {hi}")
     allowed = ("an integer" if integer else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, kinds):
         raise _fail(cls, name, allowed, value)
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float: no field means such a value, and maths on it overflows
+        finite = False
+    if not finite:
+        raise _fail(cls, name, allowed + " (within float range)", _short(value))
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise _fail(cls, name, allowed, value)
     if hi is not None and value > hi:
@@ -95,7 +117,10 @@ class PresetMixin:
     def preset(cls, name: str, **overrides: Any):
         """The official settings registered under ``name``; keyword arguments override fields."""
         if name not in cls._PRESETS:
-            raise ValueError(f"{cls.__name__}.preset name must be one of {sorted(cls._PRESETS)}; got {name!r}")
+            owner = next((c for c in PresetMixin.__subclasses__() if name in getattr(c, "_PRESETS", {})), None)
+            hint = (f": {name!r} is a {owner.__name__} preset, use {owner.__name__}.preset({name!r}) or "
+                    f"tc.preset({name!r})") if owner is not None else ""
+            raise ValueError(f"{cls.__name__}.preset name must be one of {sorted(cls._PRESETS)}; got {name!r}{hint}")
         _, values = cls._PRESETS[name]
         return cls(**{**values, **overrides})
 
@@ -128,6 +153,11 @@ class ToCaConfig(PresetMixin):
     """Full-step interval inside ``sensitive_window``."""
     first_full_steps: int = 1
     """Number of leading steps that are always full."""
+    full_step_placement: Literal["relative", "official"] = "relative"
+    """Where full steps fall. ``relative``: each full step schedules the next one an interval later, decided
+    once per step. ``official``: as the official DiT-ToCa code, a step is full when its count-down index
+    ``T - 1 - i`` is a multiple of the current interval (the last step is always full), and a full first block
+    re-decides the interval for the rest of its step, which makes a few steps full in block 0 only."""
     score: ScoreName = "attention"
     """Token importance: ``attention`` (attention received, from the last full step), ``cross_attention_entropy``,
     ``value_norm``, ``similarity`` (change of the module input since the token was last computed), ``random``."""
@@ -176,6 +206,8 @@ class ToCaConfig(PresetMixin):
                 raise _fail(cls, "sensitive_window", "None or a tuple (a, b) with 0 <= a < b <= 1", window)
         check_number(cls, "sensitive_interval", self.sensitive_interval, 1, integer=True)
         check_number(cls, "first_full_steps", self.first_full_steps, 1, integer=True)
+        if self.full_step_placement not in FULL_STEP_PLACEMENTS:
+            raise _fail(cls, "full_step_placement", f"one of {FULL_STEP_PLACEMENTS}", self.full_step_placement)
         if self.score not in SCORES:
             raise _fail(cls, "score", f"one of {SCORES}", self.score)
         check_number(cls, "frequency_weight", self.frequency_weight, 0.0)
@@ -271,8 +303,8 @@ class TokenCacheConfig:
     predictor: Any
     """A calibrated :class:`tokencache.TokenCachePredictor`."""
     budget: float | None = None
-    """Mean fraction of tokens taken from the cache on cached steps, in [0, 1); ``None`` uses the budget the
-    predictor was calibrated for."""
+    """Mean fraction of tokens taken from the cache on cached steps, in [0, 0.95] (the per-block cap of the
+    ratio allocation); ``None`` uses the budget the predictor was calibrated for."""
     schedule: TPRR | None = None
     """Full/cached step schedule; ``None`` uses the one the predictor was calibrated with."""
     adaptive_blocks: bool = True
@@ -293,8 +325,15 @@ class TokenCacheConfig:
 
         if not isinstance(self.predictor, TokenCachePredictor):
             raise _fail(cls, "predictor", "a TokenCachePredictor (see tokencache.calibrate)", type(self.predictor))
+        # what the run will read from the predictor's calibration, checked now rather than mid-run
+        self.predictor.check_calibration(budget=self.budget is None, schedule=self.schedule is None,
+                                         sensitivity=self.adaptive_blocks is True,
+                                         token_selection=self.token_selection is None)
         if self.budget is not None:
-            check_number(cls, "budget", self.budget, 0.0, 0.99)
+            # the run allocates per-block ratios capped at MAX_BUDGET; accept exactly what it accepts
+            from .predictor import MAX_BUDGET
+
+            check_number(cls, "budget", self.budget, 0.0, MAX_BUDGET)
         if self.schedule is not None and not isinstance(self.schedule, TPRR):
             raise _fail(cls, "schedule", "None or a TPRR", self.schedule)
         if not isinstance(self.adaptive_blocks, bool):

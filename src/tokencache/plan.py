@@ -18,13 +18,27 @@ DEFAULT_CONTEXT_TOKENS = 120
 
 
 def default_num_tokens(transformer: nn.Module) -> int:
-    cfg = transformer.config
+    """Image tokens of one sample, from the transformer's ``config.sample_size`` and ``patch_size``."""
+    cfg = getattr(transformer, "config", None)
+    if cfg is None or not hasattr(cfg, "get"):
+        raise ValueError(f"num_tokens is missing: {type(transformer).__name__} has no diffusers config to read "
+                         "its sample size from; pass num_tokens (image tokens per sample)")
     size = cfg.get("sample_size")
     patch = cfg.get("patch_size") or 1
     if size is None:
-        raise ValueError("the transformer's config has no sample_size; pass num_tokens")
+        raise ValueError(f"num_tokens is missing: {type(transformer).__name__}'s config has no sample_size; pass "
+                         "num_tokens (image tokens per sample)")
     height, width = (size, size) if isinstance(size, int) else size
-    return (height // patch) * (width // patch)
+    tokens = (height // patch) * (width // patch)
+    if tokens < 1:
+        raise ValueError(f"{type(transformer).__name__}'s config gives no token (sample_size {size!r}, patch_size "
+                         f"{patch!r}); pass num_tokens (image tokens per sample)")
+    return tokens
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"tc.plan: {name} must be an integer >= {minimum}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -60,8 +74,8 @@ class Plan:
             "recomputed by the freshest module)",
         ]
         for step, (kind, row) in enumerate(zip(self.step_kinds, self.fresh_fraction, strict=True)):
-            cells = "".join("F" if kind == "full" else ("." if f == 0 else str(min(9, max(1, math.ceil(10 * f)))))
-                            for f in row)
+            cells = "".join("F" if kind == "full" or f >= 1.0
+                            else ("." if f == 0 else str(min(9, max(1, math.ceil(10 * f))))) for f in row)
             lines.append(f"{step:4d} {kind:<7} {cells}")
         lines.append(f"steps: {self.count('full')} full, {self.count('partial')} partial, {self.count('reuse')} reuse")
         lines.append(f"FLOPs: {self.flops / 1e12:.3f} T of {self.flops_full / 1e12:.3f} T uncached "
@@ -69,14 +83,18 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 1, num_tokens: int | None = None,
+def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 2, num_tokens: int | None = None,
          context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> Plan:
-    """Plan ``config`` on ``transformer`` for ``num_steps`` steps and a transformer batch of ``batch_size``
-    (2 for one image with classifier-free guidance)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    """Plan ``config`` on ``transformer`` for ``num_steps`` steps and a transformer batch of ``batch_size``.
+
+    The default 2 is one image with classifier-free guidance, the batch the DiT and PixArt pipelines pass the
+    transformer; give 1 for an unguided sample. ``num_tokens`` (image tokens per sample) defaults to the one
+    the model's ``sample_size`` gives."""
+    _check_count("num_steps", num_steps, 1)
+    _check_count("batch_size", batch_size, 1)
+    if num_tokens is not None:
+        _check_count("num_tokens", num_tokens, 1)
+    _check_count("context_tokens", context_tokens, 0)
     blocks = find_blocks(transformer)
     n = num_tokens if num_tokens is not None else default_num_tokens(transformer)
     policy = config.build_policy(num_steps, len(blocks))
