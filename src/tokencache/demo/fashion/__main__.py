@@ -1,0 +1,43 @@
+"""``python -m tokencache.demo.fashion {train,classifier,quality}``: the Fashion-MNIST model's recipes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of the diffusion-model training (shared with ``tokencache train-demo --model fashion``)."""
+    p.add_argument("--out", default="/work/runs/fashion", help="run folder; the same command resumes from it")
+    p.add_argument("--steps", type=int, default=20000, help="total optimiser steps planned (default 20000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["pixart", "dit"], default="pixart")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from .train import train_fashion
+
+    return train_fashion(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         arch=args.arch, num_threads=args.threads, checkpoint_seconds=60 * args.checkpoint_minutes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokencache.demo.fashion")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_arguments(sub.add_parser("train", help="train (or resume) the flow-matching transformer"))
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        rec = run_train(args)
+        print(json.dumps({k: rec[k] for k in ("steps_done", "steps_planned", "loss_last_200", "heldout_loss_ema",
+                                              "images_per_second")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
