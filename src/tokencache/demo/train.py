@@ -281,19 +281,24 @@ def train_classifier(
     weight_decay: float = 1e-4,
     num_threads: int | None = None,
     progress: bool = True,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train :class:`DigitClassifier` on the TRAINING split only (random +-1 px shifts); save it into ``out_dir``.
 
     Writes ``classifier.safetensors`` and ``classifier.json`` (config, held-out accuracy, hyper-parameters).
+    ``data`` / ``heldout`` (images ``(N,1,S,S)`` in [-1, 1], labels) replace the digits splits (the Fashion-MNIST
+    classifier uses them; the image size comes from ``data``); ``extra`` is added to the saved summary.
     """
     old_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
         torch.manual_seed(seed)
-        model = DigitClassifier(channels, hidden, NUM_CLASSES, IMAGE_SIZE)
-        images, labels = load_digits_split("train")
-        h_images, h_labels = load_digits_split("heldout")
+        images, labels = data if data is not None else load_digits_split("train")
+        h_images, h_labels = heldout if heldout is not None else load_digits_split("heldout")
+        model = DigitClassifier(channels, hidden, NUM_CLASSES, images.shape[-1] if data is not None else IMAGE_SIZE)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -316,6 +321,7 @@ def train_classifier(
             "seconds": time.perf_counter() - start,
             "hyper_parameters": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                                  "weight_decay": weight_decay, "augmentation": "random shift +-1 px"},
+            **(extra or {}),
         }
         save_classifier(model.eval(), out_dir, summary)
         return summary
