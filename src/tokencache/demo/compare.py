@@ -1,7 +1,7 @@
 """Side-by-side comparison of caching methods on the shipped digits model (``tokencache demo`` and
 ``benchmarks/frontier.py``): the same seeds and classes for every method, fidelity against the uncached run
-of the same sampler, distribution quality against held-out real digits, and cost (FLOPs and wall-clock,
-interleaved with the uncached run, median of repeats)."""
+of the same sampler, distribution quality against held-out real digits, and cost (FLOPs, and process CPU time
+and wall-clock interleaved with the uncached run: median and range over rounds, see :mod:`tokencache.timing`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import contextlib
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..handle import apply
 from ..metrics import class_accuracy, frechet_distance, psnr, ssim
+from ..timing import TOLERANCE, Clocks, Timing, speedup_spread, timed, timing_problems
 from .data import load_digits_split
 from .pipeline import DEFAULT_GUIDANCE
 
@@ -56,22 +56,16 @@ def scheduler_for(pipe: Any, sampler: str) -> Any:
     raise ValueError(f"sampler must be 'ddim' or 'ddpm'; got {sampler!r}")
 
 
-@dataclass
-class Timing:
-    """Wall-clock and process CPU seconds of one sampling run. CPU time barely depends on what else the machine
-    runs (with one torch thread), so on a shared machine it is the steadier of the two."""
-
-    wall: float
-    cpu: float
-
-
-def _sample(pipe: Any, labels: list[int], steps: int, seed: int, guidance: float) -> tuple[torch.Tensor, Timing]:
+def _sample(pipe: Any, labels: list[int], steps: int, seed: int, guidance: float,
+            clocks: Clocks | None = None) -> tuple[torch.Tensor, Timing]:
     generator = torch.Generator().manual_seed(seed)
-    wall, cpu = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        images = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generator).images
-    return images, Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance,
+                        generator=generator).images
+
+    return timed(run, clocks)
 
 
 @contextlib.contextmanager
@@ -92,13 +86,17 @@ def _attached(pipe: Any, method: Method):
 
 def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[int], seed: int = 0,
             guidance: float = DEFAULT_GUIDANCE, repeats: int = 3, reference_steps: dict[str, int] | None = None,
-            progress: bool = True) -> list[dict[str, Any]]:
+            progress: bool = True, clocks: Clocks | None = None,
+            tolerance: float = TOLERANCE) -> list[dict[str, Any]]:
     """Run every method on the same classes and seed; returns one record per method, in ``methods`` order.
 
     Timing is interleaved in rounds, per sampler: the uncached reference run, then one run of each method; a
-    method's speed-up is the median over rounds of (reference seconds / its seconds) within the round. Quality
-    compares each method's images (the same in every round) with the reference's. A no-cache row is timed like
-    any other, so its speed-up (about 1) shows the timing noise of the machine."""
+    method's speed-up is the median over rounds of (reference seconds / its seconds) within the round, for the
+    process CPU time (``cpu_speedup``, with its range over rounds: load barely moves it, see
+    :mod:`tokencache.timing`) and the wall clock (``measured_speedup``). Quality compares each method's images
+    (the same in every round) with the reference's. A no-cache row is timed like any other, so its speed-up
+    (about 1) shows the timing noise of the machine. ``timing_warnings`` lists why a row's CPU-time speed-up
+    should not be believed (rounds disagreeing by more than ``tolerance``, an uncached row off 1x)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     reference_steps = reference_steps or {"ddim": 50, "ddpm": 250}
@@ -114,7 +112,7 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
         else:
             groups.setdefault(method.sampler, []).append(i)
     bar = tqdm(total=repeats * sum(1 + len(g) for g in groups.values()), desc="sampling runs", disable=not progress)
-    _sample(pipe, labels, 2, seed, guidance)  # warm-up, so that no timed run pays for first-call costs
+    _sample(pipe, labels, 2, seed, guidance, clocks)  # warm-up, so that no timed run pays for first-call costs
     try:
         for sampler, group in groups.items():
             pipe.scheduler = scheduler_for(pipe, sampler)
@@ -125,14 +123,14 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
             stats_of: dict[int, Any] = {}
             for _ in range(repeats):
                 bar.set_postfix_str(f"no cache ({sampler.upper()}-{ref_steps})")
-                ref_images, timing = _sample(pipe, labels, ref_steps, seed, guidance)
+                ref_images, timing = _sample(pipe, labels, ref_steps, seed, guidance, clocks)
                 ref_timings.append(timing)
                 bar.update()
                 for i in group:
                     method = methods[i]
                     bar.set_postfix_str(method.name)
                     with _attached(pipe, method) as handle:
-                        images_of[i], timing = _sample(pipe, labels, method.steps, seed, guidance)
+                        images_of[i], timing = _sample(pipe, labels, method.steps, seed, guidance, clocks)
                         stats_of[i] = handle.stats() if handle is not None else None
                     timings[i].append(timing)
                     bar.update()
@@ -148,12 +146,19 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
                                   reuse_steps=stats.reuse_steps, cache_mib=stats.cache_bytes / 2**20)
                 else:
                     flops = uncached_flops(pipe, method.steps, labels, guidance)
+                cpu = speedup_spread(pairs, "cpu", tolerance)
+                wall = speedup_spread(pairs, "wall", tolerance)
+                uncached = method.config is None and method.attach is None and method.steps == ref_steps
                 record.update(
                     flops_speedup=ref_flops / flops if method.attach is None else None,
-                    measured_speedup=statistics.median(base.wall / own.wall for base, own in pairs),
+                    measured_speedup=wall.median,
+                    measured_speedup_range=[wall.low, wall.high],
                     seconds=statistics.median(own.wall for _, own in pairs),
-                    cpu_speedup=statistics.median(base.cpu / own.cpu for base, own in pairs),
+                    cpu_speedup=cpu.median,
+                    cpu_speedup_range=[cpu.low, cpu.high],
+                    cpu_speedup_spread=cpu.relative,
                     cpu_seconds=statistics.median(own.cpu for _, own in pairs),
+                    timing_warnings=timing_problems(method.name, cpu, uncached),
                     repeats=repeats,
                     psnr=psnr(images, ref_images),
                     ssim=ssim(images, ref_images),
@@ -188,8 +193,23 @@ def to_json(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def speedup_text(record: dict[str, Any]) -> str:
+    """The CPU-time speed-up with its range over rounds (``2.38x (2.30-2.45)``), ``!`` when not to be believed;
+    the wall-clock one for records made before CPU time was recorded."""
+    if "cpu_speedup" not in record:
+        return f"{record['measured_speedup']:.2f}x"
+    low, high = record.get("cpu_speedup_range") or [record["cpu_speedup"]] * 2
+    text = f"{record['cpu_speedup']:.2f}x" + (f" ({low:.2f}-{high:.2f})" if record.get("repeats", 1) > 1 else "")
+    return text + (" !" if record.get("timing_warnings") else "")
+
+
+def timing_warnings(records: list[dict[str, Any]]) -> list[str]:
+    return [w for r in records for w in r.get("timing_warnings", [])]
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
-    header = ("| method | sampler | FLOPs speed-up | measured speed-up | PSNR vs full (dB) | SSIM | FD | accuracy |\n"
+    header = ("| method | sampler | FLOPs speed-up | measured speed-up (CPU time, range over rounds) | "
+              "PSNR vs full (dB) | SSIM | FD | accuracy |\n"
               "|---|---|---|---|---|---|---|---|")
     lines = [header]
     for r in records:
@@ -199,7 +219,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         flops = "-" if r["flops_speedup"] is None else f"{r['flops_speedup']:.2f}x"
         value = r["psnr"]
         psnr_text = "inf (identical)" if math.isinf(value) else f"{value:.1f}"
-        lines.append(f"| {r['method']} | {r['sampler']}-{r['steps']} | {flops} | {r['measured_speedup']:.2f}x | "
+        lines.append(f"| {r['method']} | {r['sampler']}-{r['steps']} | {flops} | {speedup_text(r)} | "
                      f"{psnr_text} | {r['ssim']:.3f} | {r['fd']:.2f} | {r['accuracy']:.1%} |")
     return "\n".join(lines)
 
@@ -232,16 +252,16 @@ def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     for r in shown:
         families.setdefault(f"{r['family']} ({r['sampler']})", []).append(r)
     for name, rows in families.items():
-        rows = sorted(rows, key=lambda r: r["measured_speedup"])
-        xs = [r["measured_speedup"] for r in rows]
+        rows = sorted(rows, key=lambda r: r[_speedup_key(r)])
+        xs = [r[_speedup_key(r)] for r in rows]
         finite = [r["psnr"] if not math.isinf(r["psnr"]) else None for r in rows]
         left.plot(xs, [60.0 if v is None else v for v in finite], "o-", label=name)
         right.plot(xs, [r["fd"] for r in rows], "o-", label=name)
         for r in rows:
-            right.annotate(r["method"], (r["measured_speedup"], r["fd"]), fontsize=6, alpha=0.7)
-    left.set_xlabel("measured speed-up vs uncached (same sampler)")
+            right.annotate(r["method"], (r[_speedup_key(r)], r["fd"]), fontsize=6, alpha=0.7)
+    left.set_xlabel("measured speed-up vs uncached (CPU time, same sampler)")
     left.set_ylabel("PSNR vs uncached (dB; identical plotted at 60)")
-    right.set_xlabel("measured speed-up vs uncached (same sampler)")
+    right.set_xlabel("measured speed-up vs uncached (CPU time, same sampler)")
     right.set_ylabel("FD to held-out digits (lower is better)")
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
@@ -250,6 +270,10 @@ def write_outputs(records: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     fig.tight_layout()
     fig.savefig(out / "tradeoff.png", dpi=110)
     plt.close(fig)
+
+
+def _speedup_key(record: dict[str, Any]) -> str:
+    return "cpu_speedup" if "cpu_speedup" in record else "measured_speedup"
 
 
 def real_data_floor(classifier: Any, labels: list[int], seed: int = 0) -> float:

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from ..config import FORAConfig, ToCaConfig, TokenCacheConfig
+from ..timing import TOLERANCE, Clocks
 from . import DEFAULT_GUIDANCE, assets_dir, load_classifier, load_model
-from .compare import Method, compare, format_table, real_data_floor, write_outputs
+from .compare import Method, compare, format_table, real_data_floor, timing_warnings, write_outputs
 
 PREDICTOR_FOLDER = "tokencache-predictor"
 
@@ -48,7 +49,8 @@ def demo_methods(quick: bool, ddpm: bool) -> list[Method]:
 
 
 def run_demo(out: str | Path, quick: bool = False, samples: int | None = None, repeats: int | None = None,
-             ddpm: bool = True, guidance: float = DEFAULT_GUIDANCE, seed: int = 0) -> list[dict[str, Any]]:
+             ddpm: bool = True, guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
+             clocks: Clocks | None = None) -> list[dict[str, Any]]:
     samples = samples or (20 if quick else 50)
     repeats = repeats or (1 if quick else 2)
     if samples < 10 or samples % 10:
@@ -56,14 +58,29 @@ def run_demo(out: str | Path, quick: bool = False, samples: int | None = None, r
     pipe, classifier = load_model(), load_classifier()
     labels = list(range(10)) * (samples // 10)
     methods = demo_methods(quick, ddpm)
-    records = compare(pipe, classifier, methods, labels, seed=seed, guidance=guidance, repeats=repeats)
+    records = compare(pipe, classifier, methods, labels, seed=seed, guidance=guidance, repeats=repeats,
+                      clocks=clocks)
     floor = real_data_floor(classifier, labels, seed)
+    warnings = timing_warnings(records)
     meta = dict(title=f"shipped digits DiT, {samples} samples, guidance {guidance}", samples=samples, seed=seed,
                 fd_real_same_n=floor,
                 guidance=guidance, repeats=repeats, quick=quick, date=datetime.date.today().isoformat(),
-                device=f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+                device=f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+                timing=f"speed-ups are process CPU-time ratios against the uncached run of the same sampler, "
+                       f"median and range over {repeats} interleaved round(s); tolerance {TOLERANCE:.0%}",
+                timing_unreliable=bool(warnings), timing_warnings=warnings)
     write_outputs(records, Path(out), meta)
     print(format_table(records))
+    print(f"\nSpeed-ups: process CPU time (what this process computed, which other programs on the machine barely "
+          f"change), median and range over {repeats} interleaved round(s).")
+    if warnings:
+        print(f"\nWARNING: these measured speed-ups are not reliable (marked '!'; rounds should agree within "
+              f"{TOLERANCE:.0%} and the uncached run should time at 1x against itself). The machine was probably "
+              "busy; rerun on a quieter machine, with more --repeats, or with one thread (OMP_NUM_THREADS=1). "
+              "The FLOPs and quality columns are not affected.\n  " + "\n  ".join(warnings))
+        print("(results.json: meta.timing_unreliable = true)")
+    elif repeats < 2:
+        print("(one round: no spread to check the timing against; --repeats 2 or more checks it)")
     print(f"\nFD of {samples} real training digits to the held-out digits (the floor at this sample size): {floor:.2f}")
     print(f"\nwrote {Path(out) / 'results.json'}, samples.png, tradeoff.png")
     return records
