@@ -31,7 +31,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokencache.demo.fashion")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_arguments(sub.add_parser("train", help="train (or resume) the flow-matching transformer"))
+    p = sub.add_parser("classifier", help="train the classifier and write the FD reference statistics")
+    p.add_argument("--out", default="/work/runs/fashion-classifier")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.command == "classifier":
+        from .reference import train_fashion_classifier
+
+        summary = train_fashion_classifier(args.out, epochs=args.epochs, seed=args.seed, num_threads=args.threads)
+        print(json.dumps({k: summary[k] for k in ("test_accuracy", "train_accuracy", "fd_real_halves",
+                                                  "fd_train10k_vs_test", "total_seconds")}))
     if args.command == "train":
         rec = run_train(args)
         print(json.dumps({k: rec[k] for k in ("steps_done", "steps_planned", "loss_last_200", "heldout_loss_ema",
