@@ -36,7 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("quality", help="accuracy and FD over guidance scales; writes quality.json")
+    p.add_argument("--folder", default=None, help="model folder (default: the shipped one)")
+    p.add_argument("--classifier", default=None, help="folder of classifier + FD reference (default: --folder)")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the shipped setting)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
+    p.add_argument("--out", default=None, help="report path (default FOLDER/quality.json)")
+    p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.command == "quality":
+        from .model import DEFAULT_STEPS
+        from .quality import write_quality_report
+
+        write_quality_report(args.folder, args.guidance, args.per_class, args.steps or DEFAULT_STEPS,
+                             classifier_folder=args.classifier, num_threads=args.threads, out=args.out)
     if args.command == "classifier":
         from .reference import train_fashion_classifier
 

@@ -25,7 +25,7 @@ __all__ = [
     "data_dir",
     "load_fashion",
     "read_idx",
-    "test_halves",
+    "split_test_halves",
 ]
 
 IMAGE_SIZE = 28
@@ -109,7 +109,7 @@ def load_fashion(split: Split = "train", folder: str | Path | None = None) -> tu
     return images.clone(), labels.clone()
 
 
-def test_halves(folder: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_test_halves(folder: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two disjoint, class-stratified halves (A, B) of the real test set, for the real-vs-real FD baseline.
 
     Per class, a ``torch.randperm`` seeded with ``HALVES_SEED`` splits its images 50/50 (5,000 / 5,000).

@@ -14,7 +14,12 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
+from diffusers import (
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    PixArtTransformer2DModel,
+)
 from diffusers.utils import BaseOutput
 
 from ..pipeline import to_unit_range

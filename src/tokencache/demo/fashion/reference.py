@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..train import train_classifier
-from .data import load_fashion, test_halves
+from .data import load_fashion, split_test_halves
 
 __all__ = ["FD_REFERENCE", "feature_stats", "fd_to_reference", "frechet_from_stats", "load_reference",
            "train_fashion_classifier", "write_reference"]
@@ -61,7 +61,7 @@ def write_reference(folder: str | Path, classifier: nn.Module, data_dir: str | P
     test, _ = load_fashion("test", data_dir)
     ref = feature_stats(test, classifier)
     save_file({k: v.contiguous() for k, v in ref.items()}, str(Path(folder) / FD_REFERENCE))
-    a, b = test_halves(data_dir)
+    a, b = split_test_halves(data_dir)
     train, _ = load_fashion("train", data_dir)
     return {"fd_real_halves": frechet_from_stats(feature_stats(a, classifier), feature_stats(b, classifier)),
             "fd_train10k_vs_test": fd_to_reference(train[:10000], classifier, ref),

@@ -1,0 +1,172 @@
+"""The Fashion-MNIST model: IDX reader, data loading, builders, resumable flow-matching training, pipeline."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import tokencache as tc
+from tokencache.demo.fashion import (
+    FashionMNISTMissing,
+    FashionPipeline,
+    build_transformer,
+    load_fashion,
+    make_scheduler,
+    read_idx,
+    split_test_halves,
+)
+from tokencache.demo.fashion.data import IDXFormatError
+from tokencache.demo.fashion.train import train_fashion
+
+TINY = dict(num_layers=2, width=32, head_dim=16)
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write_fashion(folder, n_train: int = 20, n_test: int = 20, gz: bool = True) -> None:
+    """A synthetic Fashion-MNIST folder: class c brightens row band c."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, size=(n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c + 4: 2 * c + 8] = 255
+        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+            data = _idx_bytes(arr)
+            name = f"{prefix}-{kind}-ubyte"
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_gz_and_plain(tmp_path, gz):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    data = _idx_bytes(arr)
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    np.testing.assert_array_equal(read_idx(path), arr)
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x12\x34\x08\x01" + bytes(8))
+    with pytest.raises(IDXFormatError, match="not an IDX file"):
+        read_idx(bad)
+    short = tmp_path / "short"
+    short.write_bytes(_idx_bytes(np.zeros((4, 2), np.uint8))[:-3])
+    with pytest.raises(IDXFormatError, match="payload"):
+        read_idx(short)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_fashion_synthetic(tmp_path, gz):
+    _write_fashion(tmp_path, gz=gz)
+    images, labels = load_fashion("train", tmp_path)
+    assert images.shape == (20, 1, 28, 28) and images.dtype == torch.float32
+    assert float(images.min()) >= -1.0 and float(images.max()) == 1.0
+    assert labels.tolist() == [i % 10 for i in range(20)]
+    a, b = split_test_halves(tmp_path)
+    assert len(a) == len(b) == 10
+    with pytest.raises(ValueError, match="split"):
+        load_fashion("valid", tmp_path)
+
+
+def test_missing_data_set_names_the_package(tmp_path):
+    with pytest.raises(FashionMNISTMissing, match="apt-get install dataset-fashion-mnist"):
+        load_fashion("test", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("arch", ["pixart", "dit"])
+def test_builder_tokens_and_blocks(arch):
+    model = build_transformer(arch)
+    assert len(model.transformer_blocks) == 8
+    assert model.pos_embed.height * model.pos_embed.width == 196
+    assert tc.plan(tc.ToCaConfig(), model, 10).num_tokens == 196 if hasattr(tc, "plan") else True
+
+
+def test_flow_matching_convention_reaches_the_data_point():
+    """The training target v = noise - x0 driven through FlowMatchEulerDiscreteScheduler lands on x0."""
+    x0 = torch.linspace(-1, 1, 28 * 28).reshape(1, 1, 28, 28)
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    sched = make_scheduler()
+    sched.set_timesteps(10)
+    for t in sched.timesteps:
+        sigma = float(t) / 1000
+        v = (x - x0) / sigma  # exact velocity of the straight path through (x0, x)
+        x = sched.step(v, t, x).prev_sample
+    torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
+
+
+def _tiny_train(folder, steps, data, **kw):
+    return train_fashion(folder, steps=steps, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=0,
+                         data=data, heldout=(data[0][:4], data[1][:4]), progress=False, num_threads=None,
+                         **TINY, **kw)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    _write_fashion(tmp_path, n_train=10)
+    data = load_fashion("train", tmp_path)
+    full = _tiny_train(tmp_path / "full", 5, data)
+    _tiny_train(tmp_path / "cut", 2, data)  # a session cut off after 2 steps (epoch boundary inside the run)
+    resumed = _tiny_train(tmp_path / "cut", 5, data)
+    assert resumed["steps_done"] == full["steps_done"] == 5 and resumed["complete"]
+    assert len(resumed["sessions"]) == 2
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
+    assert a["losses"] == b["losses"] and a["pos"] == b["pos"]
+    rec = json.loads((tmp_path / "cut" / "training.json").read_text())
+    assert rec["steps_done"] == 5 and rec["images_per_second"] > 0
+    with pytest.raises(ValueError, match="other settings"):
+        _tiny_train(tmp_path / "cut", 6, data, class_dropout=0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    torch.manual_seed(0)
+    pipe = FashionPipeline(build_transformer("pixart", **TINY).eval(), make_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_samples_with_flow_match(tiny_pipe):
+    assert isinstance(tiny_pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    out = tiny_pipe(class_labels=[0, 9], num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 1, 28, 28)
+    again = tiny_pipe(class_labels=[0, 9], num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.images, again.images)
+    with pytest.raises(ValueError, match="class labels"):
+        tiny_pipe(class_labels=[10])
+
+
+ALL_FRESH = dict(fresh_ratio=1.0, module_ratio={"self_attn": 1.0, "cross_attn": 1.0, "mlp": 1.0})
+
+
+@pytest.mark.parametrize("arch", ["pixart", "dit"])
+@pytest.mark.parametrize("score", ["attention", "cross_attention_entropy"])
+def test_every_token_fresh_equals_uncached(arch, score):
+    if arch == "dit" and score == "cross_attention_entropy":
+        pytest.skip("the DiT has no cross-attention")
+    torch.manual_seed(0)
+    pipe = FashionPipeline(build_transformer(arch, **TINY).eval(), make_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(class_labels=[1, 2], num_inference_steps=5, guidance_scale=2.0)
+    ref = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    handle = tc.apply(pipe, tc.ToCaConfig(**ALL_FRESH, score=score))
+    try:
+        cached = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    finally:
+        handle.remove()
+    torch.testing.assert_close(cached, ref, rtol=1e-5, atol=1e-5)
