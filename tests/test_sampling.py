@@ -120,6 +120,8 @@ def test_torchrun_two_processes_equal_single_process(reference: Path, model_dir:
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_samples(out, reference)
+    # every rank's files count, not rank 0's alone (which made 6 of the 10)
+    assert "10 samples in" in result.stdout and "(10 made now, 2 process(es))" in result.stdout, result.stdout
     index = _assert_index(out, world_size=2)
     assert index["stats"]["flops"] == json.loads((reference / "index.json").read_text())["stats"]["flops"]
     ranks = {p.name: json.loads(p.read_text()) for p in (out / "stats").glob("rank*.json")}
@@ -307,3 +309,105 @@ def test_text_conditional_pipeline_with_prompts(tmp_path: Path, capsys: pytest.C
     assert sample["prompt"] == "a red cat" and sample["class"] is None
     assert sampling.main_eval(["--samples", str(out)]) == 2  # eval is for the digits model
     assert "eval needs class-conditional digits samples" in capsys.readouterr().err
+
+
+# ---- issue 13, item 7: resume after a machine crash; the index's totals; load-robust timing -----------------------
+
+
+def _finished_copy(reference: Path, target: Path) -> Path:
+    shutil.copytree(reference, target)
+    (target / "index.json").unlink()
+    return target
+
+
+def test_resume_regenerates_empty_and_truncated_sample_files(reference: Path, model_dir: Path, tmp_path: Path,
+                                                             one_thread: None) -> None:
+    """A crash of the machine can leave a renamed sample file empty or cut short: resume must remake it."""
+    out = _finished_copy(reference, tmp_path / "crashed")
+    truncated = out / "samples" / "000003.pt"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    (out / "samples" / "000006.pt").write_bytes(b"")
+    untouched = {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("*.pt")
+                 if p.name not in ("000003.pt", "000006.pt")}
+    assert sampling.main_sample(_args(model_dir, out)) == 0
+    _assert_same_samples(out, reference)
+    _assert_index(out, world_size=1)
+    assert {n: (out / "samples" / n).stat().st_mtime_ns for n in untouched} == untouched
+
+
+def test_unreadable_sample_in_the_index_check_names_the_file(reference: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(reference, broken)
+    (broken / "samples" / "000002.pt").write_bytes(b"")
+    assert sampling.main_eval(["--samples", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "000002.pt: unreadable sample file" in err and "Traceback" not in err
+
+
+def test_resume_removes_stale_temporary_stats_and_index_files(reference: Path, model_dir: Path,
+                                                             tmp_path: Path) -> None:
+    out = _finished_copy(reference, tmp_path / "stale")
+    (out / "stats" / ".rank0.json.tmp-99999").write_text('{"batches": {')
+    (out / ".index.json.tmp-99999").write_text("{")
+    assert sampling.main_sample(_args(model_dir, out)) == 0
+    assert not list((out / "stats").glob(".*")) and not list(out.glob(".*"))
+
+
+def test_lost_statistics_are_remade_so_the_index_covers_every_batch(reference: Path, model_dir: Path,
+                                                                   tmp_path: Path, one_thread: None) -> None:
+    """Killed after a batch's files and before its statistics: the index must not total 2 batches of 3."""
+    out = _finished_copy(reference, tmp_path / "lost-stats")
+    stats_path = out / "stats" / "rank0.json"
+    stats = json.loads(stats_path.read_text())
+    del stats["batches"]["1"]
+    stats_path.write_text(json.dumps(stats))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("*.pt")}
+    assert sampling.main_sample(_args(model_dir, out)) == 0
+    index = _assert_index(out, world_size=1)
+    want = json.loads((reference / "index.json").read_text())["stats"]
+    assert index["stats"]["batches_with_stats"] == index["stats"]["batches"] == 3
+    assert index["stats"]["flops"] == want["flops"] and index["stats"]["full_steps"] == want["full_steps"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("*.pt")} == stamps  # no file rewritten
+    assert json.loads(stats_path.read_text())["batches"]["1"]["written"] == 0
+
+
+class _Scripted:
+    """A fake clock: each timed interval lasts the next of ``durations``."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.durations, self.now, self.running = list(durations), 0.0, False
+
+    def __call__(self) -> float:
+        if self.running:
+            self.now += self.durations.pop(0)
+        self.running = not self.running
+        return self.now
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_sample_times_batches_in_cpu_time_and_flags_disagreement(busy: bool, model_dir: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    from tokencache.timing import Clocks
+
+    # three batches (4, 4 and 2 samples); the wall clock is what a busy machine gives, the CPU clock decides
+    cpu = [4.0, 12.0 if busy else 4.2, 2.0]
+    monkeypatch.setattr(sampling, "_CLOCKS", Clocks(wall=_Scripted([40.0, 4.0, 90.0]), cpu=_Scripted(cpu)))
+    out = tmp_path / "timed"
+    assert sampling.main_sample(_args(model_dir, out, "--steps", "2")) == 0
+    stats = json.loads((out / "index.json").read_text())["stats"]
+    assert stats["cpu_seconds"] == pytest.approx(sum(cpu)) and stats["seconds"] == pytest.approx(134.0)
+    timing = stats["timing"]
+    assert timing["rounds"] == 2 and timing["low"] == pytest.approx(1.0)  # the ragged last batch is left out
+    assert timing["consistent"] is (not busy)
+    err = capsys.readouterr().err
+    assert ("CPU time per sample differs between batches" in err) is busy
+
+
+def test_eval_warns_about_small_sample_fd(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    target = tmp_path / "eval.json"
+    assert sampling.main_eval(["--samples", str(reference), "--json", str(target)]) == 0
+    err = capsys.readouterr().err
+    assert f"FD on {N} samples is dominated by small-sample bias" in err and str(sampling.FD_MIN_SAMPLES) in err
+    assert json.loads(target.read_text())["small_sample_fd"] is True

@@ -25,7 +25,10 @@ Sharding
 
 Resuming
     Rerunning the same command skips batches whose samples all exist and regenerates partial batches,
-    writing only their missing files; stale temporary files of a killed run are deleted. ``OUT/run.json``
+    writing only their missing files; a sample file that does not load (empty or cut short by a crash of the
+    machine) counts as missing, and a finished batch whose statistics were lost is run again for them (writing
+    no file), so the index's totals always cover every batch it lists. Stale temporary files of a killed run
+    (samples, statistics, index) are deleted. ``OUT/run.json``
     records the settings that determine sample values (including a fingerprint of the model files); a rerun
     with different settings is refused. ``--num-samples`` (upwards) and the number of processes may change.
 """
@@ -50,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .timing import DEFAULT_CLOCKS, spread, timed
 
 __all__ = [
     "INDEX_FILE",
@@ -82,6 +87,12 @@ FORMAT_VERSION = 1
 _SAMPLE_NAME = re.compile(r"^(\d+)\.pt$")
 _TMP_MARK = ".tmp-"
 _BARRIER_TIMEOUT = datetime.timedelta(hours=48)  # a rank with no work left waits at the final barrier
+FD_MIN_SAMPLES = 1000
+"""Below this many samples ``eval`` warns that the FD is dominated by small-sample bias: with the shipped classifier
+50 real digits score FD 32 against the held-out ones (README, the demo), two halves of the real data (~900 each)
+3.7 (``quality.json``), so only from about 1,000 samples does the bias stop swamping the differences between
+methods."""
+_CLOCKS = DEFAULT_CLOCKS  # the batch timer's clocks (tests inject fakes)
 
 
 class UsageError(ValueError):
@@ -157,6 +168,16 @@ def _barrier(world: _Dist) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _sum_over_ranks(world: _Dist, value: int) -> int:
+    if not world.active:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def _shutdown(world: _Dist) -> None:
@@ -357,7 +378,34 @@ def _save_sample(folder: Path, index: int, image: torch.Tensor, seed: int, label
 
 
 def _load_sample(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The record of a sample file; :class:`SampleFolderError` naming the file when it cannot be read."""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # EOFError (empty file), RuntimeError (truncated zip), UnpicklingError, ...
+        raise SampleFolderError(f"{path}: unreadable sample file ({type(error).__name__}: {error}); it is empty, "
+                                "truncated or corrupt. Rerun the same `tokencache sample` command to regenerate "
+                                "it") from error
+    if not isinstance(record, dict) or not torch.is_tensor(record.get("image")):
+        raise SampleFolderError(f"{path}: not a sample record (expected a dict with an 'image' tensor)")
+    return record
+
+
+def _readable(path: Path) -> bool:
+    """Whether a sample file loads (a crash of the machine, not of the process, can leave a renamed file empty or
+    cut short: the rename reached the disk before the data)."""
+    try:
+        _load_sample(path)
+    except SampleFolderError:
+        return False
+    return True
+
+
+def _remove_stale_temporaries(*folders: Path) -> None:
+    """Delete the temporary files a killed run left behind (samples, statistics, index); nobody writes yet."""
+    for folder in folders:
+        for stale in folder.glob(f".*{_TMP_MARK}*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 # ---- tokencache sample ---------------------------------------------------------------------------------------
@@ -432,21 +480,40 @@ def _device(value: str, world: _Dist) -> torch.device:
     return torch.device(value)
 
 
-def _merge_stats(out: Path, num_batches: int) -> dict[str, Any]:
-    """Totals over the latest statistics entry of each batch ``0..num_batches-1`` in ``OUT/stats/*.json``."""
+def _latest_stats(out: Path, num_batches: int) -> dict[int, dict[str, Any]]:
+    """The latest statistics entry of each batch ``0..num_batches-1`` in ``OUT/stats/rank*.json``."""
     latest: dict[int, dict[str, Any]] = {}
     for path in sorted((out / STATS_DIR).glob("rank*.json")):
         try:
             entries = json.loads(path.read_text()).get("batches", {})
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             continue
         for key, entry in entries.items():
-            b = int(key)
-            if b < num_batches and (b not in latest or entry.get("time", 0) >= latest[b].get("time", 0)):
-                latest[b] = entry
+            with contextlib.suppress(ValueError):
+                b = int(key)
+                if 0 <= b < num_batches and (b not in latest or entry.get("time", 0) >= latest[b].get("time", 0)):
+                    latest[b] = entry
+    return latest
+
+
+def _merge_stats(out: Path, num_batches: int, batch_size: int) -> dict[str, Any]:
+    """Totals over the latest statistics entry of each batch; the caller checks they cover every batch.
+
+    ``timing``: the process CPU seconds per sample over the full-size batches, median and spread, with
+    ``consistent`` False when batches disagree beyond the tolerance of :mod:`tokencache.timing` (the same work
+    should take the same CPU time; wall-clock seconds also count other programs' turns on the CPU)."""
+    latest = _latest_stats(out, num_batches)
     caches = [e["cache"] for e in latest.values() if e.get("cache")]
     total: dict[str, Any] = {"batches_with_stats": len(latest), "batches": num_batches,
                              "seconds": sum(e.get("seconds", 0.0) for e in latest.values())}
+    cpu = [e["cpu_seconds"] for e in latest.values() if "cpu_seconds" in e]
+    if cpu:
+        total["cpu_seconds"] = sum(cpu)
+        per_sample = [e["cpu_seconds"] / batch_size for e in latest.values()
+                      if "cpu_seconds" in e and e["ids"][1] - e["ids"][0] == batch_size]
+        if per_sample:
+            total["timing"] = {"measure": "process CPU seconds per sample, full-size batches",
+                               **spread(per_sample).to_dict()}
     if caches:
         flops, full = sum(c["flops"] for c in caches), sum(c["flops_full"] for c in caches)
         total.update(flops=flops, flops_full=full, speedup=full / flops if flops else None)
@@ -491,6 +558,11 @@ def _write_index(out: Path, args: argparse.Namespace, spec: _ModelSpec, guidance
         files.append(f"{SAMPLES_DIR}/{name}")
         classes.append(record.get("class"))
     num_batches = math.ceil(n / args.batch_size)
+    stats = _merge_stats(out, num_batches, args.batch_size)
+    if stats["batches_with_stats"] != num_batches:
+        uncovered = sorted(set(range(num_batches)) - set(_latest_stats(out, num_batches)))
+        raise SampleFolderError(f"{out / STATS_DIR}: no statistics for batches {uncovered[:10]} of {num_batches}; "
+                                "rerun the same command to fill them (no index is written whose totals miss batches)")
     index = {
         "format": FORMAT_VERSION,
         "num_samples": n,
@@ -511,7 +583,7 @@ def _write_index(out: Path, args: argparse.Namespace, spec: _ModelSpec, guidance
         "world_size": world.world_size,
         "image_shape": shape,
         "image_range": [-1.0, 1.0] if spec.kind == "digits" else [0.0, 1.0],
-        "stats": _merge_stats(out, num_batches),
+        "stats": stats,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     _write_json(out / INDEX_FILE, index)
@@ -566,18 +638,26 @@ def _sample_distributed(args: argparse.Namespace, spec: _ModelSpec, config: Any 
     if world.rank == 0:
         samples_dir.mkdir(parents=True, exist_ok=True)
         stats_dir.mkdir(parents=True, exist_ok=True)
-        for stale in samples_dir.glob(f".*{_TMP_MARK}*"):  # left by a killed run; nobody writes yet
-            with contextlib.suppress(OSError):
-                stale.unlink()
+        _remove_stale_temporaries(samples_dir, stats_dir, out)
         if not (out / RUN_FILE).is_file():
             _write_json(out / RUN_FILE, settings)
     _barrier(world)
 
     num_batches = math.ceil(n / size)
+    with_stats = set(_latest_stats(out, num_batches))  # read before the barrier below: nobody writes yet
     todo = []
     for b in rank_batches(num_batches, world.rank, world.world_size):
-        missing = [i for i in batch_ids(b, size, n) if i not in existing]
-        if missing:
+        ids = batch_ids(b, size, n)
+        # a file that does not load is regenerated (this rank owns the batch: nobody else touches the file)
+        broken = [i for i in ids if i in existing and not _readable(samples_dir / existing[i][0])]
+        for i in broken:
+            for name in existing.pop(i):
+                with contextlib.suppress(OSError):
+                    (samples_dir / name).unlink()
+        missing = [i for i in ids if i not in existing]
+        # a batch whose files exist but whose statistics were lost (killed between the two writes) is run again for
+        # them, writing no file, so that the index's totals cover every batch it lists
+        if missing or b not in with_stats:
             todo.append((b, missing))
 
     stats_path = stats_dir / f"rank{world.rank}.json"
@@ -594,14 +674,13 @@ def _sample_distributed(args: argparse.Namespace, spec: _ModelSpec, config: Any 
         for b, missing in todo:
             ids = batch_ids(b, size, n)
             handle = apply(pipe, config) if config is not None else None
-            started = time.perf_counter()
             try:
-                images = _generate_batch(pipe, spec, ids, args.seed, b, args.steps, guidance, prompts)
+                images, timing = timed(lambda ids=ids, b=b: _generate_batch(pipe, spec, ids, args.seed, b, args.steps,
+                                                                          guidance, prompts), _CLOCKS)
                 cache = handle.stats().to_dict() if handle is not None else None
             finally:
                 if handle is not None:
                     handle.remove()
-            seconds = time.perf_counter() - started
             for i in missing:
                 row = i - ids.start
                 label = sample_class(i) if spec.kind != "text" else None
@@ -613,17 +692,24 @@ def _sample_distributed(args: argparse.Namespace, spec: _ModelSpec, config: Any 
                     sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(75)  # testing: die abruptly, as a killed job would
-            stats["batches"][str(b)] = {"ids": [ids.start, ids.stop], "written": len(missing), "seconds": seconds,
-                                        "cache": cache, "time": time.time()}
+            stats["batches"][str(b)] = {"ids": [ids.start, ids.stop], "written": len(missing), "seconds": timing.wall,
+                                        "cpu_seconds": timing.cpu, "cache": cache, "time": time.time()}
             _write_json(stats_path, stats)
 
     _barrier(world)
+    written = _sum_over_ranks(world, written)  # every rank's files, not rank 0's alone
     failure: SampleFolderError | None = None
     if world.rank == 0:
         try:
             index = _write_index(out, args, spec, guidance, prompts, world)
             print(f"{index['num_samples']} samples in {out} ({written} made now, {world.world_size} process(es)); "
                   f"index: {out / INDEX_FILE}")
+            timing = index["stats"].get("timing") or {}
+            if timing.get("consistent") is False:
+                print(f"warning: the CPU time per sample differs between batches by {timing['relative_spread']:.0%} "
+                      f"(more than {timing['tolerance']:.0%}); the machine was probably busy or the batches "
+                      "differ (index.json: stats.timing). Wall-clock seconds are kept but not comparable.",
+                      file=sys.stderr)
         except SampleFolderError as error:
             failure = error
     _barrier(world)  # the other ranks wait for the index, then all exit together
@@ -672,6 +758,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                          f"{list(images.shape[1:])}")
     if len(images) < 2:
         raise UsageError("--samples: the Fréchet distance needs at least 2 samples")
+    if len(images) < FD_MIN_SAMPLES:
+        print(f"warning: FD on {len(images)} samples is dominated by small-sample bias: the feature mean and "
+              f"covariance estimated from few samples add a positive error that shrinks only with more samples "
+              f"(even {len(images)} real digits score well above 0). Compare FDs only at equal sample counts, or "
+              f"use at least {FD_MIN_SAMPLES} samples for a figure that means something on its own.", file=sys.stderr)
     from .demo import load_classifier, load_digits_split
     from .metrics import class_accuracy, frechet_distance
 
@@ -694,6 +785,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "num_real": len(real),
         "per_class_accuracy": per_class,
         "speedup": (index.get("stats") or {}).get("speedup"),
+        "small_sample_fd": len(images) < FD_MIN_SAMPLES,
     }
     rows = [("samples", str(result["num_samples"])), ("method", str(result["method"])),
             ("steps", str(result["steps"])), ("accuracy", f"{result['accuracy']:.4f}"),
