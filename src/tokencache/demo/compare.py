@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from ..handle import apply
@@ -36,7 +36,8 @@ class Method:
     family: str
     """Curve of the trade-off plot: ``no cache``, ``ToCa``, ``FORA``, ``TokenCache``, ``fewer steps``, a peer."""
     sampler: str = "ddim"
-    """``ddim`` or ``ddpm``: the reference is the uncached run of this sampler at ``reference_steps``."""
+    """``ddim``, ``ddpm`` or ``flow`` (flow-matching Euler): the reference is the uncached run of this sampler
+    at ``reference_steps``."""
     steps: int = 50
     config: Any | None = None
     """A tokencache config, applied with ``tc.apply``."""
@@ -53,7 +54,9 @@ def scheduler_for(pipe: Any, sampler: str) -> Any:
         return DDIMScheduler.from_config(base)
     if sampler == "ddpm":
         return DDPMScheduler.from_config(base)
-    raise ValueError(f"sampler must be 'ddim' or 'ddpm'; got {sampler!r}")
+    if sampler == "flow":
+        return FlowMatchEulerDiscreteScheduler.from_config(base)
+    raise ValueError(f"sampler must be 'ddim', 'ddpm' or 'flow'; got {sampler!r}")
 
 
 def _sample(pipe: Any, labels: list[int], steps: int, seed: int, guidance: float,
@@ -87,7 +90,8 @@ def _attached(pipe: Any, method: Method):
 def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[int], seed: int = 0,
             guidance: float = DEFAULT_GUIDANCE, repeats: int = 3, reference_steps: dict[str, int] | None = None,
             progress: bool = True, clocks: Clocks | None = None,
-            tolerance: float = TOLERANCE) -> list[dict[str, Any]]:
+            tolerance: float = TOLERANCE,
+            fd_to_real: Callable[[torch.Tensor], float] | None = None) -> list[dict[str, Any]]:
     """Run every method on the same classes and seed; returns one record per method, in ``methods`` order.
 
     Timing is interleaved in rounds, per sampler: the uncached reference run, then one run of each method; a
@@ -96,11 +100,16 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
     :mod:`tokencache.timing`) and the wall clock (``measured_speedup``). Quality compares each method's images
     (the same in every round) with the reference's. A no-cache row is timed like any other, so its speed-up
     (about 1) shows the timing noise of the machine. ``timing_warnings`` lists why a row's CPU-time speed-up
-    should not be believed (rounds disagreeing by more than ``tolerance``, an uncached row off 1x)."""
+    should not be believed (rounds disagreeing by more than ``tolerance``, an uncached row off 1x).
+    ``fd_to_real(images)`` gives a record's FD (default: against the held-out digits)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     reference_steps = reference_steps or {"ddim": 50, "ddpm": 250}
-    real, _ = load_digits_split("heldout")
+    if fd_to_real is None:
+        real, _ = load_digits_split("heldout")
+
+        def fd_to_real(images: torch.Tensor) -> float:
+            return frechet_distance(images, real, classifier)
     pipe.set_progress_bar_config(disable=True)
     original_scheduler = pipe.scheduler
     records: list[dict[str, Any] | None] = [None] * len(methods)
@@ -162,7 +171,7 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
                     repeats=repeats,
                     psnr=psnr(images, ref_images),
                     ssim=ssim(images, ref_images),
-                    fd=frechet_distance(images, real, classifier),
+                    fd=fd_to_real(images),
                     accuracy=class_accuracy(images, labels, classifier),
                     images=images,
                 )
