@@ -145,7 +145,7 @@ def test_bare_transformer_needs_sampling_context():
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(RuntimeError, match="sampling"):
         transformer(x, timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 2]))
-    with pytest.raises(RuntimeError, match="step 4 of a 3-step run"), handle.sampling(num_steps=3):
+    with pytest.raises(RuntimeError, match="after the last of the 3 model evaluations"), handle.sampling(num_steps=3):
         for t in (900, 800, 700, 600):
             transformer(x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="num_steps"), handle.sampling(num_steps=0):

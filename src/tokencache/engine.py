@@ -17,18 +17,18 @@ from torch import nn
 
 from .flops import block_overhead_flops, slot_flops
 from .layouts import BlockEntry, ModuleSlot
-from .schedule import CachePolicy, fresh_tokens
+from .schedule import CachePolicy, block_is_full, fresh_tokens
 from .state import SlotKey, SlotState, StepContext, StepTracker, StreamState
 
 
 def token_table(policy: CachePolicy, blocks: list[BlockEntry], num_tokens: int) -> list[dict[SlotKey, int]]:
-    """Per step, the tokens each (block, module kind) computes: ``n`` on full steps, ``k`` otherwise."""
+    """Per step, the tokens each (block, module kind) computes: ``n`` in full blocks, ``k`` otherwise."""
     table = []
     for step in range(policy.num_steps):
         row: dict[SlotKey, int] = {}
         for block in blocks:
             for slot, _ in block.slots():
-                if policy.full_steps[step]:
+                if block_is_full(policy, step, block.index):
                     row[(block.index, slot.kind)] = num_tokens
                 else:
                     row[(block.index, slot.kind)] = fresh_tokens(
@@ -68,6 +68,8 @@ class RunRecord:
     """Accumulated during a sampling run; turned into :class:`tokencache.CacheStats`."""
 
     num_steps: int = 0
+    model_evaluations: int = 0
+    """Transformer evaluations per stream (more than ``num_steps`` for multi-stage schedulers: Heun, KDPM2)."""
     step_kinds: list[str] = field(default_factory=list)
     tokens_computed: dict[str, int] = field(default_factory=dict)
     tokens_total: dict[str, int] = field(default_factory=dict)
@@ -88,7 +90,7 @@ class CacheEngine:
         self.transformer = transformer
         self.blocks = blocks
         self.selector = selector
-        self.tracker = StepTracker(pipeline)
+        self.tracker = StepTracker([pipeline] if pipeline is not None else [])
         self.cache_dtype: torch.dtype | None = getattr(config, "cache_dtype", None)
         self.context: StepContext | None = None
         self.streams: list[StreamState] = []
@@ -116,27 +118,29 @@ class CacheEngine:
             self.selector.reset(None)
 
     def finish_run(self) -> None:
+        """Record the run's statistics and free its caches (a finished run's cache is never read again)."""
         if self.policy is not None and self.record.num_steps:
             self.record.cache_bytes = sum(s.cache_bytes() for s in self.streams)
             self.record.score_bytes = sum(s.score_bytes() for s in self.streams)
             self.last_record = self.record
+        self.streams = []
+        self.context = None
+        self.policy = None  # the run is over: a second finish (sampling() exit) records nothing new
 
     # ---- transformer calls ------------------------------------------------------------------------
     def begin_call(self, hidden_states: torch.Tensor, timestep: Any) -> StepContext:
-        if self.tracker.locate(timestep):
-            self.finish_run()
-            self.reset()
-            self.policy = self.config.build_policy(self.tracker.num_steps, len(self.blocks))
-        step, call = self.tracker.step, self.tracker.call
         batch = hidden_states.shape[0]
         grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
         num_tokens = grid[0] * grid[1]
-        if not self.table:
+        tracker = self.tracker
+        if tracker.locate(timestep):
+            self.finish_run()
+            self.reset()
+            self._check_run(num_tokens, grid)
+            self.policy = self.config.build_policy(tracker.num_steps, len(self.blocks))
             self.table = token_table(self.policy, self.blocks, num_tokens)
+        step, call = tracker.step, tracker.call
         if call == len(self.streams):
-            if step != 0:
-                raise RuntimeError(f"the transformer was called {call + 1} times at step {step} but "
-                                   f"{len(self.streams)} times at the first step of this run")
             shared = bool(getattr(self.config, "cfg_shared_selection", False)) and batch % 2 == 0 and bool(
                 torch.equal(hidden_states[: batch // 2], hidden_states[batch // 2:]))
             self.streams.append(StreamState(batch, num_tokens, shared))
@@ -144,8 +148,9 @@ class CacheEngine:
         if (stream.batch, stream.num_tokens) != (batch, num_tokens):
             raise RuntimeError(f"batch/token shape changed within a sampling run: stream {call} started with "
                                f"batch {stream.batch} and {stream.num_tokens} tokens, now {batch} and {num_tokens}")
-        is_full = self.policy.full_steps[step]
-        self.context = StepContext(step, self.policy.num_steps, is_full, stream, grid, self.table[step])
+        full_blocks = self.policy.full_blocks[step]
+        self.context = StepContext(step, self.policy.num_steps, full_blocks >= len(self.blocks), stream, grid,
+                                   self.table[step], full_blocks)
         self._call_rows = 0
         overhead = self._memo(("overhead", num_tokens, batch),
                               lambda: sum(block_overhead_flops(b, num_tokens, batch) for b in self.blocks))
@@ -158,22 +163,37 @@ class CacheEngine:
             self._call_started = time.perf_counter()
         return self.context
 
+    def _check_run(self, num_tokens: int, grid: tuple[int, int]) -> None:
+        """Before the first step of a run: does the config fit this run's token count?"""
+        check = getattr(self.config, "validate_model", None)
+        if check is None:
+            return
+        try:
+            check(self.transformer, len(self.blocks), num_tokens)
+        except ValueError as error:
+            raise ValueError(f"this sampling run has {num_tokens} tokens (a {grid[0]}x{grid[1]} grid), which the "
+                             f"config cannot cache: {error}. Sample at the calibrated resolution (with PixArt, "
+                             "resolution binning can change it) or calibrate for this one") from None
+
     def end_call(self) -> None:
         ctx = self.context
         self.context = None
         if ctx is None:
             return
         rec = self.record
+        tracker = self.tracker
         if self.timer.enabled:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()
             name = "full_steps" if ctx.is_full else "cached_steps"
             rec.seconds[name] = rec.seconds.get(name, 0.0) + time.perf_counter() - self._call_started
-        if self.tracker.call == 0:
+        if tracker.call == 0:
+            rec.model_evaluations += 1
+        if tracker.first_call_of_step:
             kind = "full" if ctx.is_full else ("partial" if self._call_rows > 0 else "reuse")
             rec.step_kinds.append(kind)
             rec.num_steps = len(rec.step_kinds)
-        if ctx.step == ctx.num_steps - 1 and self.tracker.call == len(self.streams) - 1:
+        if tracker.run_complete:
             self.finish_run()
 
     # ---- module calls -----------------------------------------------------------------------------
@@ -199,7 +219,7 @@ class CacheEngine:
     def statistic_sink(self, block: int) -> Callable[[torch.Tensor], None] | None:
         """Where an attention processor of ``block`` sends its score statistic now, or None."""
         ctx = self.context
-        if ctx is None or not ctx.is_full:
+        if ctx is None or not ctx.block_full(block):
             return None
         raw_scores = ctx.stream.raw_scores
 
@@ -219,8 +239,9 @@ class CacheEngine:
         state = ctx.stream.slot(key)
         rows = ctx.tokens[(block.index, slot.kind)]
 
-        if ctx.is_full or rows >= num_tokens or state.output is None:
-            if state.output is None and not ctx.is_full:
+        block_full = ctx.block_full(block.index)
+        if block_full or rows >= num_tokens or state.output is None:
+            if state.output is None and not block_full:
                 raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
                                    "step of a run must be full")
             output = original(*args, **kwargs)

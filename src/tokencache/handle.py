@@ -16,6 +16,8 @@ from .hooks import (
     HookInstaller,
     ModuleCacheHook,
     TransformerHook,
+    check_not_compiled,
+    invalidate_registry_caches,
     is_applied,
     resolve_target,
 )
@@ -35,6 +37,9 @@ class CacheStats:
     partial_steps: int
     reuse_steps: int
     step_kinds: tuple[str, ...]
+    model_evaluations: int
+    """Transformer evaluations per stream: ``num_steps`` for one-stage schedulers, more for Heun, KDPM2 and
+    PNDM, whose steps evaluate the model several times."""
     fresh_fraction: dict[str, float]
     """Per module type, tokens recomputed over tokens a full run computes."""
     flops: int
@@ -61,7 +66,7 @@ class CacheStats:
         fractions = ", ".join(f"{k} {v:.1%}" for k, v in sorted(self.fresh_fraction.items()))
         return (
             f"{self.method}: {self.num_steps} steps ({self.full_steps} full, {self.partial_steps} partial, "
-            f"{self.reuse_steps} reuse)\n"
+            f"{self.reuse_steps} reuse; {self.model_evaluations} model evaluations)\n"
             f"  tokens recomputed: {fractions}\n"
             f"  FLOPs: {self.flops / 1e9:.2f} G of {self.flops_full / 1e9:.2f} G uncached -> {self.speedup:.2f}x\n"
             f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB, score state: {self.score_bytes / 2**10:.1f} KiB"
@@ -77,6 +82,7 @@ def _stats_from(method: str, record: RunRecord) -> CacheStats:
         partial_steps=kinds.count("partial"),
         reuse_steps=kinds.count("reuse"),
         step_kinds=kinds,
+        model_evaluations=record.model_evaluations,
         fresh_fraction={k: record.tokens_computed[k] / record.tokens_total[k] for k in record.tokens_total},
         flops=record.flops,
         flops_full=record.flops_full,
@@ -112,10 +118,11 @@ class CacheHandle:
 
     @contextlib.contextmanager
     def sampling(self, num_steps: int) -> Iterator[CacheHandle]:
-        """Mark one sampling run of ``num_steps`` steps in a hand-written loop over the transformer."""
+        """Mark one sampling run of ``num_steps`` steps in a hand-written loop over the transformer (one
+        timestep per step; repeated calls with the same timestep are further streams, e.g. CFG halves)."""
+        self._check_live()
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
-        self._check_live()
         self._engine.tracker.start_manual_run(num_steps)
         try:
             yield self
@@ -123,14 +130,31 @@ class CacheHandle:
             self._engine.tracker.end_manual_run()
             self._engine.finish_run()
 
+    def attach(self, pipeline: Any) -> CacheHandle:
+        """Follow the runs of another pipeline that shares this transformer (built from the first one's
+        components, or with another scheduler). Runs of a pipeline the cache does not follow raise an error
+        instead of reusing a cache across runs."""
+        self._check_live()
+        transformer, found = resolve_target(pipeline)
+        if found is None:
+            raise TypeError(f"pipeline must be a diffusers pipeline with a `transformer` and a `scheduler`; "
+                            f"got {type(pipeline).__name__}")
+        if transformer is not self.transformer:
+            raise ValueError("pipeline.transformer is not the transformer this cache is applied to")
+        self._engine.tracker.follow(found)
+        return self
+
     def timing(self, enabled: bool = True) -> None:
         """Measure the wall-clock time of steps and of the engine's own work in :meth:`stats` (``seconds``)."""
+        self._check_live()
         self._engine.timer.enabled = bool(enabled)
 
     def remove(self) -> None:
-        """Detach every hook and processor: the model is exactly as before :func:`apply`."""
+        """Detach every hook and processor: the model is exactly as before :func:`apply` (hooks others
+        registered on the same modules keep working)."""
         self._check_live()
         self._installer.remove_all()
+        invalidate_registry_caches(self.transformer)
         for attn, processor in self._processors:
             attn.set_processor(processor)
         self._engine.reset()
@@ -138,7 +162,8 @@ class CacheHandle:
 
     def _check_live(self) -> None:
         if self._removed:
-            raise RuntimeError("this cache handle was removed")
+            raise RuntimeError("this cache handle was removed (handle.remove() was called); call tc.apply again "
+                               "to cache the model")
 
 
 def apply(target: Any, config: Any,
@@ -150,16 +175,20 @@ def apply(target: Any, config: Any,
     on the CPU, which a cache makes a large share of each step (see :mod:`tokencache.small_linear`);
     ``None`` leaves them to PyTorch.
     """
-    if not hasattr(config, "build_policy"):
-        raise TypeError(f"config must be a tokencache config (ToCaConfig, FORAConfig, ...); "
-                        f"got {type(config).__name__}")
+    if isinstance(config, type) or not hasattr(config, "build_policy"):
+        what = f"the class {config.__name__} (call it to build a config)" if isinstance(config, type) else (
+            type(config).__name__)
+        raise TypeError(f"config must be a tokencache config instance (ToCaConfig(), FORAConfig(), "
+                        f"TokenCacheConfig(...)); got {what}")
     if small_batch_linear is not None and not isinstance(small_batch_linear, SmallBatchLinearConfig):
         raise TypeError(f"small_batch_linear must be a SmallBatchLinearConfig or None; "
                         f"got {type(small_batch_linear).__name__}")
     transformer, pipeline = resolve_target(target)
+    check_not_compiled(transformer)
     if is_applied(transformer):
         raise RuntimeError(f"a tokencache cache is already applied to this {type(transformer).__name__}; "
-                           "call handle.remove() first")
+                           "call handle.remove() first, or handle.attach(pipeline) to share it with another "
+                           "pipeline")
     blocks = find_blocks(transformer)
     if hasattr(config, "validate_model"):
         try:
@@ -198,4 +227,5 @@ def apply(target: Any, config: Any,
             installer.register(module, ModuleCacheHook(engine, block, slot), MODULE_HOOK)
     if small_batch_linear is not None:
         install_small_batch_linear(transformer, small_batch_linear, installer, blocks)
+    invalidate_registry_caches(transformer)
     return CacheHandle(engine, installer, processors, transformer, small_batch_linear)

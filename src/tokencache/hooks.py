@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
@@ -30,15 +32,26 @@ class TransformerHook(ModelHook):
         return module
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self._begin(module, args, kwargs)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._end()
+
+    # The run/step/stream bookkeeping reads the timestep's value and branches on Python counters: under
+    # torch.compile it runs eagerly (one graph break each) instead of being traced, which would guard on the
+    # timestep and the step index and recompile at every step.
+    @torch.compiler.disable
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(module, *args, **kwargs).arguments
         hidden_states = bound.get("hidden_states")
         if hidden_states is None:
             raise RuntimeError("tokencache needs the transformer's `hidden_states` argument")
         self.engine.begin_call(hidden_states, bound.get("timestep"))
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.engine.end_call()
+
+    @torch.compiler.disable
+    def _end(self) -> None:
+        self.engine.end_call()
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.engine.reset()
@@ -53,11 +66,19 @@ class ModuleCacheHook(ModelHook):
         self.engine = engine
         self.block = block
         self.slot = slot
+        self.compute: Callable[..., Any] | None = None
+        """What computes the module (on all tokens or on the fresh ones) when :func:`tokencache.compile` set a
+        compiled one; None: the module's own forward."""
 
+    # The decision (full, partial with k tokens, reuse) and the gather/scatter run eagerly under torch.compile:
+    # traced, they would guard on the step and on k and recompile at every step. The module's own compute is
+    # ``self.compute``, which tokencache.compile compiles with a dynamic token dimension.
+    @torch.compiler.disable
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        compute = self.compute or self.fn_ref.original_forward
         if self.engine.context is None:  # called outside a transformer call: not ours to cache
-            return self.fn_ref.original_forward(*args, **kwargs)
-        return self.engine.run_module(self.block, self.slot, module, self.fn_ref.original_forward, args, kwargs)
+            return compute(*args, **kwargs)
+        return self.engine.run_module(self.block, self.slot, module, compute, args, kwargs)
 
 
 class HookInstaller:
@@ -73,19 +94,64 @@ class HookInstaller:
         self._installed.append((module, name, had_forward, had_registry))
 
     def remove_all(self) -> None:
+        """Remove our hooks; a module keeps the hooks others registered (before or after ours) working."""
         for module, name, had_forward, had_registry in reversed(self._installed):
             registry = module._diffusers_hook
-            registry.remove_hook(name, recurse=False)
-            if not had_registry and not registry.hooks:
+            unlink_hook(registry, name)
+            if registry.hooks:
+                continue  # the registry's chain (and its patched forward) still serves other hooks
+            if not had_registry:
                 del module._diffusers_hook
             if not had_forward and "forward" in module.__dict__:
                 del module.__dict__["forward"]
         self._installed.clear()
 
 
+def unlink_hook(registry: HookRegistry, name: str) -> None:
+    """Remove hook ``name`` from ``registry`` and re-link the chain around it.
+
+    ``HookRegistry.remove_hook`` hands the removed hook's inner forward to the next hook's ``forward``; when
+    that next hook replaces the forward (``new_forward``: PyramidAttentionBroadcast, a user's skipping hook),
+    its decision is thereby bypassed and it is silently switched off. The inner forward belongs in its
+    ``original_forward`` instead.
+    """
+    if name not in registry.hooks:
+        return
+    index = registry._hook_order.index(name)
+    removed = registry._fn_refs[index]
+    inner = removed.original_forward if removed.original_forward is not None else removed.forward
+    if index == len(registry._hook_order) - 1:
+        registry._module_ref.forward = inner
+    else:
+        outer = registry._fn_refs[index + 1]
+        if outer.original_forward is not None:
+            outer.original_forward = inner
+        else:
+            outer.forward = inner
+    hook = registry.hooks.pop(name)
+    registry._module_ref = hook.deinitalize_hook(registry._module_ref)
+    registry._hook_order.pop(index)
+    registry._fn_refs.pop(index)
+
+
+def invalidate_registry_caches(module: nn.Module) -> None:
+    """diffusers caches which descendants carry hooks; adding or removing ours makes that list stale."""
+    registry = getattr(module, "_diffusers_hook", None)
+    invalidate = getattr(registry, "invalidate_child_registries_cache", None)
+    if invalidate is not None:
+        invalidate()
+
+
 def is_applied(module: nn.Module) -> bool:
     registry = getattr(module, "_diffusers_hook", None)
     return registry is not None and registry.get_hook(TRANSFORMER_HOOK) is not None
+
+
+def check_not_compiled(module: nn.Module) -> None:
+    """A ``torch.compile`` wrapper hides the model's forward and modules behind ``_orig_mod``."""
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError("tc.apply got a torch.compile()'d module: apply the cache to the model itself "
+                        "(before compiling it)")
 
 
 def resolve_target(target: Any) -> tuple[nn.Module, Any | None]:

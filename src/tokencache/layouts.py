@@ -91,12 +91,26 @@ class BlockEntry:
                 and isinstance(module, (nn.Linear, nn.LayerNorm))]
 
 
+_UNSUPPORTED_MODELS: dict[str, str] = {}
+
+
+def register_unsupported_model(class_name: str, reason: str) -> None:
+    """Reject a model class before any work, although its blocks have a layout (their tokens are not
+    what the layout assumes)."""
+    _UNSUPPORTED_MODELS[class_name] = reason
+
+
 def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
     """Return the cacheable blocks of ``transformer`` in depth order.
 
     Raises ``TypeError`` naming the block classes found and the supported ones when none is supported,
-    and when a supported block is configured in a way its layout does not describe.
+    when a supported block is configured in a way its layout does not describe, and for models whose
+    blocks do not form the model's own list of transformer blocks (a UNet's sit inside its resolution
+    levels, so one step's tokens differ from block to block).
     """
+    model_name = type(transformer).__name__
+    if model_name in _UNSUPPORTED_MODELS:
+        raise TypeError(f"{model_name} is not supported: {_UNSUPPORTED_MODELS[model_name]}")
     entries: list[BlockEntry] = []
     seen_candidates: set[str] = set()
     for name, module in transformer.named_modules():
@@ -113,6 +127,12 @@ def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
         if reason is not None:
             raise TypeError(f"block {name!r} ({type(module).__name__}) cannot be cached: {reason}")
         entries.append(BlockEntry(len(entries), name, module, layout))
+    nested = [e.name for e in entries if len(e.name.split(".")) != 2]
+    if nested:
+        raise TypeError(f"{model_name} is not a supported diffusion transformer: its blocks sit inside other "
+                        f"modules ({nested[0]!r}), as in a UNet, where token counts change from block to block. "
+                        f"tokencache caches transformers whose blocks form a list of the model itself "
+                        f"(transformer_blocks.0, ...)")
     if not entries:
         found = ", ".join(sorted(seen_candidates)) or "none"
         raise TypeError(
@@ -151,3 +171,10 @@ register_layout(
         embedder_prefixes=("norm1.emb",),
     )
 )
+
+register_unsupported_model(
+    "LatteTransformer3DModel",
+    "its temporal blocks are BasicTransformerBlocks over the frames of each position, not over image tokens, "
+    "and the cache does not yet keep token selection consistent between the two layouts",
+)
+register_unsupported_model("UNet2DConditionModel", "tokencache caches diffusion transformers, not UNets")

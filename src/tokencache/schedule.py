@@ -17,10 +17,23 @@ class CachePolicy(Protocol):
     num_steps: int
     num_blocks: int
     full_steps: tuple[bool, ...]
+    """Per step, whether every block is full."""
+    full_blocks: tuple[int, ...]
+    """Per step, how many leading blocks are full (``num_blocks`` on full steps, 0 on cached steps; in
+    between on the official DiT schedule's mixed steps)."""
 
     def fresh_ratio(self, step: int, block: int, kind: str) -> float:
         """Fraction of tokens a module of type ``kind`` recomputes at a non-full step."""
         ...
+
+
+def block_is_full(policy: CachePolicy, step: int, block: int) -> bool:
+    return block < policy.full_blocks[step]
+
+
+def whole_steps(full_steps: tuple[bool, ...], num_blocks: int) -> tuple[int, ...]:
+    """``full_blocks`` of a schedule that decides once per step."""
+    return tuple(num_blocks if full else 0 for full in full_steps)
 
 
 def fresh_tokens(ratio: float, num_tokens: int) -> int:
@@ -42,8 +55,8 @@ def toca_interval(config: ToCaConfig, step: int, num_steps: int) -> int:
 
 
 def toca_full_steps(config: ToCaConfig, num_steps: int) -> tuple[bool, ...]:
-    """Full steps of ToCa: the leading ``first_full_steps``, then each full step schedules the next one
-    ``toca_interval`` steps later (decided once per step, for the whole step)."""
+    """Full steps of ToCa with ``full_step_placement="relative"``: the leading ``first_full_steps``, then each
+    full step schedules the next one ``toca_interval`` steps later (decided once per step, for the whole step)."""
     for step in (0, num_steps - 1):  # the ramp is linear: its ends bound it
         toca_interval(config, step, num_steps)
     full: list[bool] = []
@@ -56,12 +69,40 @@ def toca_full_steps(config: ToCaConfig, num_steps: int) -> tuple[bool, ...]:
     return tuple(full)
 
 
+def toca_official_full_blocks(config: ToCaConfig, num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    """Full blocks per step with ``full_step_placement="official"``, as the official DiT-ToCa code places them.
+
+    That code counts steps down, ``s = T - 1 - i``, and a block is full when ``s`` is a multiple of the interval
+    last computed (so full steps sit at fixed positions and the last step is always full). Each full block
+    recomputes the interval from the current step, and the next block tests ``s`` against the new value: when
+    block 0 is full but ``s`` is no multiple of the new interval, the other blocks of that step are partial
+    (a "mixed" step)."""
+    for step in (0, num_steps - 1):
+        toca_interval(config, step, num_steps)
+    interval = config.full_step_interval
+    full_blocks: list[int] = []
+    for step in range(num_steps):
+        countdown = num_steps - 1 - step
+        full = 0
+        for _ in range(num_blocks):
+            if not (step < config.first_full_steps or countdown % interval == 0):
+                break
+            interval = toca_interval(config, step, num_steps)
+            full += 1
+        full_blocks.append(full)
+    return tuple(full_blocks)
+
+
 class ToCaPolicy:
     def __init__(self, config: ToCaConfig, num_steps: int, num_blocks: int) -> None:
         self.config = config
         self.num_steps = num_steps
         self.num_blocks = num_blocks
-        self.full_steps = toca_full_steps(config, num_steps)
+        if config.full_step_placement == "official":
+            self.full_blocks = toca_official_full_blocks(config, num_steps, num_blocks)
+        else:
+            self.full_blocks = whole_steps(toca_full_steps(config, num_steps), num_blocks)
+        self.full_steps = tuple(f >= num_blocks for f in self.full_blocks)
 
     def fresh_ratio(self, step: int, block: int, kind: str) -> float:
         c = self.config
@@ -78,6 +119,7 @@ class FORAPolicy:
         self.num_steps = num_steps
         self.num_blocks = num_blocks
         self.full_steps = tuple(step % config.interval == 0 for step in range(num_steps))
+        self.full_blocks = whole_steps(self.full_steps, num_blocks)
 
     def fresh_ratio(self, step: int, block: int, kind: str) -> float:
         return 0.0
@@ -99,6 +141,7 @@ class TokenCachePolicy:
         self.num_steps = num_steps
         self.num_blocks = num_blocks
         self.full_steps = config.effective_schedule.full_steps(num_steps)
+        self.full_blocks = whole_steps(self.full_steps, num_blocks)
         self.keep = [1.0 - r for r in config.block_ratios()]
         self.partial = set(config.partial_modules)
 

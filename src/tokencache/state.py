@@ -64,34 +64,130 @@ class StepContext:
     step: int
     num_steps: int
     is_full: bool
+    """Whether every block is full at this step."""
     stream: StreamState
     grid: tuple[int, int]
     tokens: dict[tuple[int, str], int]
-    """Fresh tokens per (block, module kind) at this step (``n`` on full steps)."""
+    """Fresh tokens per (block, module kind) at this step (``n`` in full blocks)."""
+    full_blocks: int | None = None
+    """Leading blocks that are full at this step (1 on the official DiT schedule's mixed steps, where block 0
+    re-decides the interval); ``None``: all when ``is_full``, none otherwise."""
+
+    def block_full(self, block: int) -> bool:
+        return self.is_full if self.full_blocks is None else block < self.full_blocks
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """How the model evaluations of one sampling run map to scheduler steps.
+
+    Multi-stage schedulers evaluate the model more than once per step (Heun and KDPM2: twice, PNDM: a
+    warm-up of Runge-Kutta stages), sometimes at repeated timesteps. A step here is what diffusers'
+    pipelines count as one (their progress bar): ``scheduler.num_inference_steps`` steps, each made of
+    ``scheduler.order`` evaluations after ``len(timesteps) - num_inference_steps * order`` warm-up ones.
+    """
+
+    num_steps: int
+    """Scheduler steps in the run (what the cache schedule is laid over)."""
+    eval_steps: tuple[int, ...] | None
+    """Per model evaluation, the step it belongs to; ``None`` in hand-written loops, where every new
+    timestep is a new step."""
+    repeats: tuple[bool, ...] | None
+    """Per model evaluation, whether its timestep equals the previous evaluation's (checked against the
+    transformer's calls, so a call pattern that does not fit the scheduler raises instead of drifting)."""
+
+    @property
+    def num_evaluations(self) -> int | None:
+        return None if self.eval_steps is None else len(self.eval_steps)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> RunLayout:
+        values = [float(v) for v in scheduler.timesteps.reshape(-1).tolist()]
+        count = len(values)
+        order = getattr(scheduler, "order", 1)
+        steps = getattr(scheduler, "num_inference_steps", None)
+        eval_steps: list[int] = list(range(count))
+        if isinstance(order, int) and order >= 1 and isinstance(steps, int) and 1 <= steps <= count:
+            warmup = count - steps * order
+            grouped, step = [], 0
+            for i in range(count):
+                grouped.append(step)
+                if i == count - 1 or (i + 1 > warmup and (i + 1) % order == 0):
+                    step += 1
+            if step == steps:
+                eval_steps = grouped
+        repeats = tuple(i > 0 and values[i] == values[i - 1] for i in range(count))
+        return cls(eval_steps[-1] + 1 if eval_steps else 0, tuple(eval_steps), repeats)
 
 
 class StepTracker:
-    """Maps transformer calls to (run, step, stream).
+    """Maps transformer calls to (run, step, model evaluation, stream).
 
-    A new run starts when the pipeline's scheduler gets new timesteps (``set_timesteps`` replaces the
-    tensor) or when ``handle.sampling()`` is entered; within a run the step advances whenever the
-    timestep changes, and repeated calls with the same timestep are further streams of that step.
+    A run starts when the scheduler of a pipeline the cache follows gets new timesteps (``set_timesteps``
+    replaces the tensor; every pipeline that owns the transformer can be followed, see
+    ``CacheHandle.attach``) or when ``handle.sampling()`` is entered. Within a run, calls are laid over the
+    scheduler's timesteps: the calls with the first timestep are the streams of the first evaluation
+    (one when CFG is batched, two for separate conditional and unconditional calls), and every
+    evaluation after it has as many. A call that does not fit (more or fewer calls than that, a timestep
+    that changes where the scheduler repeats it, a new run no followed scheduler announced) raises: the
+    cache is never carried into a run it does not belong to.
     """
 
-    def __init__(self, pipeline: Any | None) -> None:
-        self.pipeline = pipeline
+    def __init__(self, pipelines: list[Any]) -> None:
+        self.pipelines: list[Any] = []
+        self._timesteps_seen: dict[int, Any] = {}
+        for pipeline in pipelines:
+            self.follow(pipeline)
         self.manual_steps: int | None = None
         self._manual_new_run = False
-        self._timesteps_ref: torch.Tensor | None = None
         self.reset()
 
+    def follow(self, pipeline: Any) -> None:
+        """Announce runs from this pipeline's scheduler too (timesteps set before now are not a run)."""
+        if any(p is pipeline for p in self.pipelines):
+            return
+        self.pipelines.append(pipeline)
+        self._timesteps_seen[id(pipeline)] = pipeline.scheduler.timesteps
+
     def reset(self) -> None:
-        self.num_steps = 0
-        self.step = -1
+        self.layout: RunLayout | None = None
+        self.evaluation = -1
         self.call = 0
+        self.calls_per_evaluation: int | None = None
         self._last_timestep: float | None = None
 
+    @property
+    def num_steps(self) -> int:
+        return self.layout.num_steps if self.layout is not None else 0
+
+    @property
+    def step(self) -> int:
+        layout = self.layout
+        if layout is None or self.evaluation < 0:
+            return -1
+        return layout.eval_steps[self.evaluation] if layout.eval_steps is not None else self.evaluation
+
+    @property
+    def first_call_of_step(self) -> bool:
+        """Whether the current call is the first of its step (its first evaluation, first stream)."""
+        layout = self.layout
+        if self.call != 0 or layout is None:
+            return False
+        e = self.evaluation
+        return layout.eval_steps is None or e == 0 or layout.eval_steps[e - 1] != layout.eval_steps[e]
+
+    @property
+    def run_complete(self) -> bool:
+        """Whether the current call is the last one of the run (known once the streams are counted)."""
+        layout = self.layout
+        if layout is None or self.calls_per_evaluation is None:
+            return False
+        last_evaluation = (layout.num_evaluations or layout.num_steps) - 1
+        return self.evaluation == last_evaluation and self.call == self.calls_per_evaluation - 1
+
     def start_manual_run(self, num_steps: int) -> None:
+        if self.manual_steps is not None:
+            raise RuntimeError("handle.sampling() is already active: sampling runs cannot be nested")
         self.manual_steps = num_steps
         self._manual_new_run = True
 
@@ -99,43 +195,90 @@ class StepTracker:
         self.manual_steps = None
         self._manual_new_run = False
 
+    def _announced_layout(self) -> RunLayout | None:
+        """The layout of a run that starts now, if a pipeline's scheduler or ``sampling()`` announced one."""
+        if self.manual_steps is not None:
+            if not self._manual_new_run:
+                return None
+            self._manual_new_run = False
+            return RunLayout(self.manual_steps, None, None)
+        announced = None
+        for pipeline in self.pipelines:
+            timesteps = pipeline.scheduler.timesteps
+            if timesteps is not None and timesteps is not self._timesteps_seen.get(id(pipeline)):
+                self._timesteps_seen[id(pipeline)] = timesteps
+                announced = announced or RunLayout.from_scheduler(pipeline.scheduler)
+        return announced
+
     def locate(self, timestep: Any) -> bool:
         """Advance for one transformer call; returns True when this call starts a new run."""
         if timestep is None:
             raise RuntimeError("tokencache needs the `timestep` argument of the transformer to track steps")
         t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
-        new_run = False
-        if self.manual_steps is not None:
-            if self._manual_new_run:
-                new_run, self._manual_new_run = True, False
-                num_steps = self.manual_steps
-        elif self.pipeline is not None:
-            timesteps = self.pipeline.scheduler.timesteps
-            if timesteps is None:
-                raise RuntimeError("the pipeline's scheduler has no timesteps; call the pipeline, or wrap a "
-                                   "hand-written loop in `with handle.sampling(num_steps=...)`")
-            if timesteps is not self._timesteps_ref:
-                self._timesteps_ref = timesteps
-                new_run = True
-                values = timesteps.tolist()
-                num_steps = sum(1 for i, v in enumerate(values) if i == 0 or v != values[i - 1])
-        else:
-            raise RuntimeError("a bare transformer must be called inside `with handle.sampling(num_steps=T):` "
-                               "so that tokencache knows where a sampling run starts and how many steps it has")
-        if new_run:
+        layout = self._announced_layout()
+        if layout is not None:
+            if layout.num_steps < 1:
+                raise RuntimeError("the scheduler's timesteps are empty: there is no step to run")
             self.reset()
-            self.num_steps = num_steps
-            self.step, self._last_timestep = 0, t
+            self.layout = layout
+            self.evaluation, self._last_timestep = 0, t
             return True
-        if t != self._last_timestep:
-            self.step += 1
-            self.call = 0
-            self._last_timestep = t
-        else:
-            self.call += 1
-        if self.step >= self.num_steps:
-            raise RuntimeError(
-                f"the transformer was called for step {self.step + 1} of a {self.num_steps}-step run; "
-                "wrap calls outside a pipeline in `with handle.sampling(num_steps=T):` with the right T"
-            )
+        if self.layout is None:
+            if self.manual_steps is None and not self.pipelines:
+                raise RuntimeError("a bare transformer must be called inside `with handle.sampling(num_steps=T):` "
+                                   "so that tokencache knows where a sampling run starts and how many steps it has")
+            raise RuntimeError("the transformer was called outside a sampling run: no pipeline tokencache follows "
+                               "set new timesteps. If another pipeline shares this transformer, call "
+                               "`handle.attach(pipeline)`; wrap hand-written loops in "
+                               "`with handle.sampling(num_steps=T):`")
+        self._advance(t)
         return False
+
+    def _unannounced(self, why: str) -> RuntimeError:
+        if self.manual_steps is not None:
+            return RuntimeError(f"{why}; a `handle.sampling(num_steps={self.manual_steps})` run has "
+                                f"{self.manual_steps} steps with one timestep each")
+        return RuntimeError(
+            f"{why}. If this is a new sampling run, no pipeline tokencache follows announced it: a transformer "
+            "shared by several pipelines needs `handle.attach(pipeline)` for each of them, and hand-written loops "
+            "need `with handle.sampling(num_steps=T):`")
+
+    def _advance(self, t: float) -> None:
+        layout = self.layout
+        changed = t != self._last_timestep
+        previous = self._last_timestep
+        self._last_timestep = t
+        if self.calls_per_evaluation is None:  # still counting the streams of the first evaluation
+            repeats_next = layout.repeats is not None and len(layout.repeats) > 1 and layout.repeats[1]
+            if not changed and not repeats_next:
+                self.call += 1
+                return
+            self.calls_per_evaluation = self.call + 1
+            self.evaluation, self.call = 1, 0
+        elif self.call + 1 < self.calls_per_evaluation:
+            if changed:
+                raise self._unannounced(
+                    f"the timestep changed from {previous:g} to {t:g} after {self.call + 1} of the "
+                    f"{self.calls_per_evaluation} transformer calls each step of this run makes")
+            self.call += 1
+            return
+        else:
+            self.evaluation, self.call = self.evaluation + 1, 0
+        count = layout.num_evaluations if layout.num_evaluations is not None else layout.num_steps
+        if self.evaluation >= count:
+            raise self._unannounced(
+                f"the transformer was called again after the last of the {count} model evaluations of this run")
+        if layout.repeats is not None:
+            if changed == layout.repeats[self.evaluation]:
+                expected = "the same timestep" if layout.repeats[self.evaluation] else "a new timestep"
+                raise self._unannounced(
+                    f"model evaluation {self.evaluation} of this run should come with {expected} (the "
+                    f"scheduler's timesteps), but the timestep went from {previous:g} to {t:g} with "
+                    f"{self.calls_per_evaluation} call(s) per evaluation")
+        elif not changed:
+            raise self._unannounced(
+                f"the transformer was called {self.calls_per_evaluation + 1} times with timestep {t:g}, but "
+                f"{self.calls_per_evaluation} times at the first step of this run")
+        if t > previous and layout.repeats is not None:
+            # Timesteps only fall within a run; a rise is a new run that no followed scheduler announced.
+            raise self._unannounced(f"the timestep rose from {previous:g} to {t:g}")
