@@ -193,7 +193,8 @@ def _shutdown(world: _Dist) -> None:
 
 @dataclass(frozen=True)
 class _ModelSpec:
-    """What ``--model`` names: ``kind`` is ``digits`` (DigitsPipeline), ``class`` or ``text`` (diffusers)."""
+    """What ``--model`` names: ``kind`` is ``digits`` (DigitsPipeline), ``fashion`` (the shipped Fashion-MNIST
+    FashionPipeline), ``class`` or ``text`` (diffusers)."""
 
     name: str
     path: Path | None
@@ -206,6 +207,10 @@ def _resolve_model(value: str, has_prompts: bool) -> _ModelSpec:
         if has_prompts:
             raise UsageError("--prompts: the demo model is class-conditional and takes no prompts")
         return _ModelSpec("demo", None, "digits")
+    if value == "fashion":
+        if has_prompts:
+            raise UsageError("--prompts: the fashion model is class-conditional and takes no prompts")
+        return _ModelSpec("fashion", None, "fashion")
     path = Path(value).expanduser()
     expected = ("expected 'demo', a folder with transformer/ and scheduler/ subfolders (a DigitsPipeline), "
                 "or a diffusers pipeline folder with model_index.json")
@@ -238,10 +243,13 @@ def _model_fingerprint(spec: _ModelSpec) -> str:
     """
     root = spec.path
     if root is None:
-        from .demo import assets_dir
+        if spec.kind == "fashion":
+            from .demo.fashion import assets_dir
+        else:
+            from .demo import assets_dir
 
         root = assets_dir()
-    folders = [root / "transformer", root / "scheduler"] if spec.kind == "digits" else [root]
+    folders = [root / "transformer", root / "scheduler"] if spec.kind in ("digits", "fashion") else [root]
     files = [p for folder in folders for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES]
     digest = hashlib.sha256()
     for path in sorted(files):
@@ -272,6 +280,10 @@ def _load_pipeline(spec: _ModelSpec, device: torch.device) -> Any:
         from .demo import load_model, load_pipeline_from
 
         pipe = load_model(device) if spec.path is None else load_pipeline_from(spec.path, device)
+    elif spec.kind == "fashion":
+        from .demo import fashion
+
+        pipe = fashion.load_model(device)
     else:
         from diffusers import DiffusionPipeline
 
@@ -312,7 +324,7 @@ def _generate_batch(pipe: Any, spec: _ModelSpec, ids: range, seed: int, batch: i
     if guidance is not None:
         kwargs["guidance_scale"] = guidance
     torch.manual_seed(batch_seed(seed, batch))  # anything that draws from the global generator
-    if spec.kind == "digits":
+    if spec.kind in ("digits", "fashion"):
         cfg = pipe.transformer.config
         shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
@@ -582,7 +594,7 @@ def _write_index(out: Path, args: argparse.Namespace, spec: _ModelSpec, guidance
         "num_batches": num_batches,
         "world_size": world.world_size,
         "image_shape": shape,
-        "image_range": [-1.0, 1.0] if spec.kind == "digits" else [0.0, 1.0],
+        "image_range": [-1.0, 1.0] if spec.kind in ("digits", "fashion") else [0.0, 1.0],
         "stats": stats,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -750,10 +762,13 @@ def load_samples(folder: str | Path) -> tuple[torch.Tensor, list[int | None], di
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    """Class accuracy and Fréchet distance to the held-out digits of a sample folder; prints and writes JSON."""
+    """Class accuracy and Fréchet distance to the real images (held-out digits, or the Fashion-MNIST test
+    statistics) of a sample folder; prints and writes JSON."""
     images, classes, index = load_samples(args.samples)
-    if index.get("model_kind") != "digits" or list(images.shape[1:]) != [1, 16, 16]:
-        raise UsageError(f"--samples: eval needs class-conditional digits samples (1x16x16 in [-1, 1]); "
+    kind = index.get("model_kind")
+    if (kind, list(images.shape[1:])) not in (("digits", [1, 16, 16]), ("fashion", [1, 28, 28])):
+        raise UsageError(f"--samples: eval needs class-conditional digits samples (1x16x16) or fashion samples "
+                         f"(1x28x28), in [-1, 1]; "
                          f"{args.samples!r} holds {index.get('model_kind')} samples of shape "
                          f"{list(images.shape[1:])}")
     if len(images) < 2:
@@ -763,12 +778,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               f"covariance estimated from few samples add a positive error that shrinks only with more samples "
               f"(even {len(images)} real digits score well above 0). Compare FDs only at equal sample counts, or "
               f"use at least {FD_MIN_SAMPLES} samples for a figure that means something on its own.", file=sys.stderr)
-    from .demo import load_classifier, load_digits_split
     from .metrics import class_accuracy, frechet_distance
 
-    classifier = load_classifier()
+    if kind == "fashion":  # FD against the shipped statistics of the real test set: no data set needed
+        from .demo import fashion
+        from .demo.fashion.reference import fd_to_reference, load_reference
+
+        classifier = fashion.load_classifier()
+        reference = load_reference(fashion.assets_dir())
+        num_real, fd_name = int(reference["count"]), "FD (real test set)"
+
+        def fd_of(samples: torch.Tensor) -> float:
+            return fd_to_reference(samples, classifier, reference)
+    else:
+        from .demo import load_classifier, load_digits_split
+
+        classifier = load_classifier()
+        real, _ = load_digits_split("heldout")
+        num_real, fd_name = len(real), "FD (held-out)"
+
+        def fd_of(samples: torch.Tensor) -> float:
+            return frechet_distance(real, samples, classifier)
     labels = torch.tensor(classes, dtype=torch.long)
-    real, _ = load_digits_split("heldout")
     with torch.no_grad():
         predictions = torch.cat([classifier(images[i:i + 500]).argmax(dim=-1) for i in range(0, len(images), 500)])
     per_class = {str(c): float((predictions[labels == c] == c).float().mean())
@@ -781,15 +812,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "steps": index.get("steps"),
         "guidance": index.get("guidance"),
         "accuracy": class_accuracy(images, labels, classifier),
-        "fd": frechet_distance(real, images, classifier),
-        "num_real": len(real),
+        "fd": fd_of(images),
+        "num_real": num_real,
         "per_class_accuracy": per_class,
         "speedup": (index.get("stats") or {}).get("speedup"),
         "small_sample_fd": len(images) < FD_MIN_SAMPLES,
     }
     rows = [("samples", str(result["num_samples"])), ("method", str(result["method"])),
             ("steps", str(result["steps"])), ("accuracy", f"{result['accuracy']:.4f}"),
-            ("FD (held-out)", f"{result['fd']:.4f}")]
+            (fd_name, f"{result['fd']:.4f}")]
     if result["speedup"] is not None:
         rows.append(("FLOP speedup", f"{result['speedup']:.2f}x"))
     width = max(len(k) for k, _ in rows)
@@ -813,7 +844,8 @@ def register(subparsers: Any) -> None:
                     "class i % 10 (or prompt i % len(prompts)); batches [b*B, (b+1)*B) are fixed, so the result "
                     "is the same for any number of processes. Rerun the same command to resume.")
     p.add_argument("--model", required=True,
-                   help="'demo' (the shipped digits DiT), a folder with transformer/ and scheduler/ "
+                   help="'demo' (the shipped digits DiT), 'fashion' (the Fashion-MNIST model), a folder with "
+                        "transformer/ and scheduler/ "
                         "(DigitsPipeline), or a diffusers pipeline folder (model_index.json)")
     p.add_argument("--method", required=True, choices=_method_choices(), metavar="METHOD",
                    help=f"'none' (no cache) or a preset: {', '.join(_method_choices()[1:])}")
