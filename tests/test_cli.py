@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tokencache.cli import main
 
@@ -56,3 +57,39 @@ def test_sampling_eval_entry_without_the_demo_extra_names_it(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert "pip install 'tokencache[demo]'" in result.stderr and "'scipy'" in result.stderr
+
+
+# ---- issue 13, item 10 ------------------------------------------------------------------------------------------
+
+
+def test_plan_accepts_the_demo_model_like_sample_and_calibrate(capsys):
+    assert main(["plan", "--preset", "dit-ddim50", "--model", "demo", "--steps", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "50 steps x 6 blocks, 64 tokens, batch 2" in out and "FLOPs:" in out
+
+
+def test_calibrate_settings_mismatch_names_the_cli_option_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import tokencache.demo as demo
+    from tokencache.calibrate import CHECKPOINT_NAME, CalibrationConfig, class_calls
+    from tokencache.config import TPRR
+
+    # a checkpoint the default command line would have written, but with --budget 0.5
+    config = CalibrationConfig(calls=class_calls(10, 16, 4, seed=0), budget=0.5, schedule=TPRR(3, 2, 0.5))
+    torch.save(dict(fingerprint=config.fingerprint()), tmp_path / CHECKPOINT_NAME)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(demo, "load_model", no_loading)
+    monkeypatch.setattr(demo, "load_pipeline_from", no_loading)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--budget: 0.5 there, 0.8125 now" in err and "CalibrationConfig" not in err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--out", str(tmp_path / "new"), "--budget", "0.99"])
+    assert "--budget (CalibrationConfig.budget) must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--out", str(tmp_path / "new"), "--tprr", "3.5", "2", "0.5"])
+    assert "--tprr" in capsys.readouterr().err

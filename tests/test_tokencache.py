@@ -1,5 +1,6 @@
 """TokenCache: calibration, the predictor, block allocation, TPRR, persistence."""
 
+import dataclasses
 import json
 
 import pytest
@@ -200,3 +201,43 @@ def test_ablation_selection_uses_toca_scores(calibrated):
     dit_pipe_run(pipe, steps=STEPS)
     assert handle.stats().partial_steps > 0
     handle.remove()
+
+
+# ---- issue 13, item 10: a user's calibration is what the README and the demo call TokenCache -------------------
+
+
+def test_user_calibration_records_the_shipped_ranking_and_budget(tmp_path):
+    from tokencache.demo.runner import shipped_predictor
+
+    shipped = shipped_predictor()
+    defaults = CalibrationConfig()
+    assert defaults.token_selection == shipped.calibration["token_selection"] == "similarity"
+    assert defaults.budget == shipped.calibration["budget"]
+    assert dataclasses.asdict(defaults.schedule) == shipped.calibration["schedule"]
+    pipe = tiny_dit_pipeline()
+    config = CalibrationConfig(calls=class_calls(10, 2, 2, output_type="np"), num_steps=4, iterations=1,
+                               schedule=tc.TPRR(1, 1, 0.5), sensitivity_pairs=1, pairs_per_iteration=1,
+                               progress=False)
+    predictor = calibrate(pipe, config)
+    predictor.save_pretrained(tmp_path)
+    loaded = tc.TokenCachePredictor.from_pretrained(tmp_path)
+    assert loaded.calibration["token_selection"] == "similarity"
+    assert loaded.calibration["budget"] == defaults.budget
+    assert tc.TokenCacheConfig(loaded).effective_token_selection == "similarity"
+    with pytest.raises(ValueError, match="CalibrationConfig.token_selection"):
+        CalibrationConfig(token_selection="best")
+
+
+def test_checkpoint_with_other_settings_fails_before_any_sampling(tmp_path, monkeypatch):
+    from tokencache.calibrate import CheckpointMismatchError
+
+    base = dict(calls=class_calls(10, 2, 2, output_type="np"), num_steps=4, iterations=2, progress=False,
+                schedule=tc.TPRR(1, 1, 0.5), checkpoint_dir=str(tmp_path), checkpoint_every=1,
+                sensitivity_pairs=1, pairs_per_iteration=1)
+    pipe = tiny_dit_pipeline()
+    calibrate(pipe, CalibrationConfig(**base))
+    calls = []
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: calls.append(1))
+    with pytest.raises(CheckpointMismatchError, match=r"CalibrationConfig.budget: 0.8125 there, 0.3 now") as info:
+        calibrate(pipe, CalibrationConfig(**{**base, "budget": 0.3}))
+    assert info.value.differences == {"budget": (0.8125, 0.3)} and calls == []

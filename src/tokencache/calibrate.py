@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TPRR, check_number
+from .config import TOKEN_SELECTIONS, TPRR, check_number
 from .layouts import MODULE_KINDS, BlockEntry, find_blocks
 from .plan import default_num_tokens
-from .predictor import VARIANTS, TokenCachePredictor, allocate_block_ratios, token_features
+from .predictor import MAX_BUDGET, VARIANTS, TokenCachePredictor, allocate_block_ratios, token_features
 from .schedule import fresh_tokens
 
 Sampler = Callable[[nn.Module, torch.Generator], None]
@@ -47,9 +47,14 @@ class CalibrationConfig:
     """Sampling runs with ``sampler`` (pipelines use one run per entry of ``calls``)."""
     num_steps: int = 50
     """Sampling steps the predictor is calibrated for."""
-    budget: float = 0.8
+    budget: float = 0.8125
     """Mean fraction of tokens taken from the cache on cached steps, in [0, 0.95]. With the default schedule,
-    0.8 matches ToCa N=4's FLOPs speed-up on the shipped digits DiT (DDIM-50)."""
+    0.8125 matches ToCa N=4's FLOPs speed-up on the shipped digits DiT (DDIM-50; solved by
+    benchmarks/tokencache_ablation.py, and the budget of the shipped predictor)."""
+    token_selection: str = "similarity"
+    """The ranking recorded as the predictor's default (``calibration["token_selection"]``, which
+    ``TokenCacheConfig(predictor)`` uses): ``similarity`` won the ablation on the shipped model (the learned
+    ranking did not beat it); ``predictor`` for the learned one, or another ToCa score."""
     schedule: TPRR = field(default_factory=TPRR)
     """Full/cached step schedule the predictor is trained under (and used with by default)."""
     variant: str = "features"
@@ -78,7 +83,7 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         cls = type(self)
         check_number(cls, "num_steps", self.num_steps, 2, integer=True)
-        check_number(cls, "budget", self.budget, 0.0, 0.95)
+        check_number(cls, "budget", self.budget, 0.0, MAX_BUDGET)
         check_number(cls, "num_runs", self.num_runs, 1, integer=True)
         check_number(cls, "iterations", self.iterations, 0, integer=True)
         check_number(cls, "pairs_per_iteration", self.pairs_per_iteration, 1, integer=True)
@@ -88,6 +93,9 @@ class CalibrationConfig:
         check_number(cls, "hidden", self.hidden, 1, integer=True)
         check_number(cls, "seed", self.seed, 0, integer=True)
         check_number(cls, "checkpoint_every", self.checkpoint_every, 1, integer=True)
+        if self.token_selection not in TOKEN_SELECTIONS:
+            raise ValueError(f"CalibrationConfig.token_selection must be one of {TOKEN_SELECTIONS}; "
+                             f"got {self.token_selection!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"CalibrationConfig.variant must be one of {VARIANTS}; got {self.variant!r}")
         if not isinstance(self.schedule, TPRR):
@@ -100,11 +108,50 @@ class CalibrationConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint must share to be resumed."""
-        skip = {"sampler", "checkpoint_dir", "progress", "calls", "iterations", "checkpoint_every"}
+        # token_selection is only recorded (it changes no trained value), so a checkpoint resumes under any
+        skip = {"sampler", "checkpoint_dir", "progress", "calls", "iterations", "checkpoint_every", "token_selection"}
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["schedule"] = dataclasses.asdict(self.schedule)
         out["calls"] = repr(self.calls)
         return out
+
+
+CHECKPOINT_NAME = "calibration-checkpoint.pt"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint in ``CalibrationConfig.checkpoint_dir`` was written with other settings; ``differences``
+    maps each differing field to (checkpoint value, current value)."""
+
+    def __init__(self, path: Path, differences: dict[str, tuple[Any, Any]]) -> None:
+        self.path, self.differences = path, differences
+        details = "; ".join(f"CalibrationConfig.{k}: {a!r} there, {b!r} now" for k, (a, b) in differences.items())
+        super().__init__(f"{path} was written with other calibration settings ({details}); give the same settings "
+                         "to resume, remove it, or change CalibrationConfig.checkpoint_dir")
+
+
+def load_checkpoint(config: CalibrationConfig) -> dict[str, Any] | None:
+    """The resumable checkpoint of ``config.checkpoint_dir`` (None when there is none); raises
+    :class:`CheckpointMismatchError` when it was written with other settings, before any sampling."""
+    if not config.checkpoint_dir:
+        return None
+    path = Path(config.checkpoint_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=False)
+        previous = state["fingerprint"]
+        if not isinstance(previous, dict):
+            raise TypeError(f"its fingerprint is a {type(previous).__name__}, not a mapping")
+    except Exception as error:  # a truncated or foreign file: say which, rather than a pickle traceback
+        raise ValueError(f"{path} cannot be read as a calibration checkpoint ({error}); remove it to start "
+                         "afresh") from error
+    current = config.fingerprint()
+    if previous != current:
+        keys = [*current, *(k for k in previous if k not in current)]
+        differences = {k: (previous.get(k), current.get(k)) for k in keys if previous.get(k) != current.get(k)}
+        raise CheckpointMismatchError(path, differences)
+    return state
 
 
 @dataclass
@@ -280,6 +327,7 @@ def calibrate(target: Any, config: CalibrationConfig) -> TokenCachePredictor:
             raise ValueError("CalibrationConfig.calls must list at least one pipeline call (classes or prompts)")
     blocks = find_blocks(transformer)
     num_tokens = default_num_tokens(transformer)
+    state = load_checkpoint(config)  # a settings mismatch fails here, before any sampling
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -302,7 +350,7 @@ def calibrate(target: Any, config: CalibrationConfig) -> TokenCachePredictor:
             raise ValueError("CalibrationConfig.schedule has no cached step; nothing to calibrate")
         partial = set(config.partial_modules)
         predictor, sensitivity, history = _train(transformer, blocks, runs, pairs, partial, num_tokens, config,
-                                                 generator)
+                                                 generator, state)
     finally:
         for name, p in transformer.named_parameters():
             p.requires_grad_(requires_grad[name])
@@ -313,12 +361,9 @@ def calibrate(target: Any, config: CalibrationConfig) -> TokenCachePredictor:
 
 def _train(transformer: nn.Module, blocks: list[BlockEntry], runs: list[list[StepRecord]],
            pairs: list[tuple[int, int, int]], partial: set[str], num_tokens: int, config: CalibrationConfig,
-           generator: torch.Generator) -> tuple[TokenCachePredictor, list[float], dict[str, Any]]:
-    checkpoint = Path(config.checkpoint_dir) / "calibration-checkpoint.pt" if config.checkpoint_dir else None
-    state = torch.load(checkpoint, weights_only=False) if checkpoint and checkpoint.exists() else None
-    if state is not None and state["fingerprint"] != config.fingerprint():
-        raise ValueError(f"{checkpoint} was written with other calibration settings; remove it or change "
-                         "CalibrationConfig.checkpoint_dir")
+           generator: torch.Generator, state: dict[str, Any] | None
+           ) -> tuple[TokenCachePredictor, list[float], dict[str, Any]]:
+    checkpoint = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
 
     rng = random.Random(config.seed)
     # With several runs the last one is held out to score the trained predictor.
@@ -339,7 +384,8 @@ def _train(transformer: nn.Module, blocks: list[BlockEntry], runs: list[list[Ste
     model_info = dict(class_name=type(transformer).__name__, num_blocks=len(blocks), num_tokens=num_tokens,
                       num_steps=config.num_steps)
     calibration = dict(budget=config.budget, schedule=dataclasses.asdict(config.schedule),
-                       adaptive_blocks=config.adaptive_blocks, partial_modules=list(config.partial_modules))
+                       adaptive_blocks=config.adaptive_blocks, partial_modules=list(config.partial_modules),
+                       token_selection=config.token_selection)
     predictor = TokenCachePredictor(len(blocks), num_tokens, config.num_steps, config.variant, config.hidden,
                                     model_info, calibration)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=config.learning_rate)

@@ -7,14 +7,23 @@ import sys
 from collections.abc import Sequence
 
 from . import sampling
+from .calibrate import CalibrationConfig
+from .config import TOKEN_SELECTIONS
 from .plan import DEFAULT_CONTEXT_TOKENS, plan
 from .presets import preset, presets
 from .shapes import MODEL_SHAPES, build_transformer
 
+_CALIBRATION_DEFAULTS = CalibrationConfig()
+
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     config = preset(args.preset)
-    transformer = build_transformer(args.model)
+    if args.model == "demo":  # the shipped digits DiT, as `sample` and `calibrate` name it; shapes only
+        from .demo import assets_dir
+
+        transformer = build_transformer(str(assets_dir()), device="meta")
+    else:
+        transformer = build_transformer(args.model)
     result = plan(config, transformer, args.steps, batch_size=args.batch, num_tokens=args.tokens,
                   context_tokens=args.context_tokens)
     print(result)
@@ -54,25 +63,61 @@ def _cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# CalibrationConfig fields as the `calibrate` command sets them, for errors a CLI user can act on.
+_CALIBRATE_OPTIONS = {"num_steps": "--steps", "budget": "--budget", "schedule": "--tprr", "variant": "--variant",
+                      "adaptive_blocks": "--uniform-blocks", "seed": "--seed",
+                      "calls": "--runs / --per-call / --num-classes / --seed", "token_selection": "--token-selection"}
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import CalibrationConfig, calibrate, class_calls
+    from .calibrate import CalibrationConfig, CheckpointMismatchError, calibrate, class_calls, load_checkpoint
     from .config import TPRR
+
+    # every setting and the resume checkpoint are checked before the model is loaded or anything sampled
+    k1, k2, boundary = args.tprr
+    if not (float(k1).is_integer() and float(k2).is_integer()):
+        raise ValueError(f"--tprr: K1 and K2 must be whole numbers of cached steps; got {k1:g} {k2:g}")
+    option = {"iterations": "--iterations", **_CALIBRATE_OPTIONS}
+    try:
+        config = CalibrationConfig(
+            calls=class_calls(args.num_classes, args.per_call, args.runs, seed=args.seed), num_steps=args.steps,
+            budget=args.budget, schedule=TPRR(int(k1), int(k2), boundary), variant=args.variant,
+            adaptive_blocks=not args.uniform_blocks, iterations=args.iterations, seed=args.seed,
+            checkpoint_dir=args.out, token_selection=args.token_selection)
+    except ValueError as error:
+        text = str(error)
+        for field_name, flag in option.items():
+            text = text.replace(f"CalibrationConfig.{field_name} ", f"{flag} (CalibrationConfig.{field_name}) ")
+        raise ValueError(text.replace("TPRR.", "--tprr: TPRR.")) from error
+    try:
+        load_checkpoint(config)
+    except CheckpointMismatchError as error:
+        details = "; ".join(f"{_CALIBRATE_OPTIONS.get(k, k)}: {_cli_value(k, a)} there, {_cli_value(k, b)} now"
+                            for k, (a, b) in error.differences.items())
+        raise ValueError(f"--out {args.out} holds a calibration checkpoint made with other options ({details}). "
+                         f"Give the same options to resume, another --out, or delete {error.path}") from error
+
     from .demo import load_model, load_pipeline_from
 
     pipe = load_model() if args.model == "demo" else load_pipeline_from(args.model)
-    k1, k2, boundary = args.tprr
-    config = CalibrationConfig(
-        calls=class_calls(args.num_classes, args.per_call, args.runs, seed=args.seed), num_steps=args.steps,
-        budget=args.budget, schedule=TPRR(int(k1), int(k2), boundary), variant=args.variant,
-        adaptive_blocks=not args.uniform_blocks, iterations=args.iterations, seed=args.seed,
-        checkpoint_dir=args.out)
     predictor = calibrate(pipe, config)
     predictor.save_pretrained(args.out)
     c = predictor.calibration
-    print(f"saved {args.out}: budget {c['budget']}, block ratios {[round(r, 3) for r in c['block_ratios']]}, "
-          f"held-out error {c['holdout_error_trained']:.4g} (untrained {c['holdout_error_untrained']:.4g}, "
-          f"random tokens {c['holdout_error_random']:.4g})")
+    print(f"saved {args.out}: budget {c['budget']}, token selection {c['token_selection']!r}, block ratios "
+          f"{[round(r, 3) for r in c['block_ratios']]}, held-out error {c['holdout_error_trained']:.4g} "
+          f"(untrained {c['holdout_error_untrained']:.4g}, random tokens {c['holdout_error_random']:.4g})")
     return 0
+
+
+def _cli_value(field_name: str, value: object) -> str:
+    """A checkpoint setting as the `calibrate` options spell it."""
+    if field_name == "schedule" and isinstance(value, dict):
+        return " ".join(str(value.get(k)) for k in ("early_cached_steps", "late_cached_steps", "boundary"))
+    if field_name == "adaptive_blocks":
+        return "without --uniform-blocks" if value else "with --uniform-blocks"
+    if field_name == "calls":
+        return "other trajectory calls"
+    return repr(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the step x block schedule and FLOPs of a preset on a model")
     p.add_argument("--preset", required=True, choices=sorted(presets()), help="cache settings")
     p.add_argument("--model", default="dit-xl-2",
-                   help=f"one of {', '.join(sorted(MODEL_SHAPES))}, or a local diffusers checkpoint directory")
+                   help=f"'demo' (the shipped digits DiT), one of {', '.join(sorted(MODEL_SHAPES))}, or a local "
+                        "diffusers checkpoint directory")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--batch", type=int, default=2, help="transformer batch, 2 = one image with CFG (default 2)")
     p.add_argument("--tokens", type=int, default=None, help="image tokens (default: from the model's sample size)")
@@ -119,8 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="demo", help="'demo' or a folder with transformer/ and scheduler/")
     p.add_argument("--out", required=True, help="folder for predictor.safetensors/.json (and a checkpoint)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps to calibrate for (default 50)")
-    p.add_argument("--budget", type=float, default=0.8,
-                   help="mean fraction of tokens reused on cached steps (default 0.8)")
+    p.add_argument("--budget", type=float, default=_CALIBRATION_DEFAULTS.budget,
+                   help=f"mean fraction of tokens reused on cached steps, in [0, 0.95] (default "
+                        f"{_CALIBRATION_DEFAULTS.budget}: ToCa N=4's FLOPs on the digits DiT)")
+    p.add_argument("--token-selection", default=_CALIBRATION_DEFAULTS.token_selection, choices=TOKEN_SELECTIONS,
+                   help=f"ranking recorded as the predictor's default (default "
+                        f"{_CALIBRATION_DEFAULTS.token_selection}, the ablation's winner; 'predictor' = learned)")
     p.add_argument("--tprr", type=float, nargs=3, default=(3, 2, 0.5), metavar=("K1", "K2", "BOUNDARY"),
                    help="cached steps per full step early / late, and the phase boundary (default 3 2 0.5)")
     p.add_argument("--variant", choices=["features", "position"], default="features")
