@@ -93,3 +93,20 @@ def test_calibrate_settings_mismatch_names_the_cli_option_before_loading_the_mod
     with pytest.raises(SystemExit):
         main(["calibrate", "--out", str(tmp_path / "new"), "--tprr", "3.5", "2", "0.5"])
     assert "--tprr" in capsys.readouterr().err
+
+
+def test_loading_the_shipped_model_prints_no_accelerate_warning(tmp_path):
+    """diffusers warned on every load that `accelerate` is missing; tokencache asks for its fallback directly,
+    without touching the user's diffusers logging settings."""
+    from models import tiny_dit
+
+    tiny_dit().save_pretrained(tmp_path / "transformer")
+    code = ("import diffusers\n"
+            "from tokencache.demo import load_model\n"
+            "from tokencache.shapes import build_transformer\n"
+            "before = diffusers.utils.logging.get_verbosity()\n"
+            f"load_model(); build_transformer({str(tmp_path)!r})\n"
+            "assert diffusers.utils.logging.get_verbosity() == before\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "accelerate" not in result.stderr, result.stderr

@@ -287,7 +287,9 @@ def _load_pipeline(spec: _ModelSpec, device: torch.device) -> Any:
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(spec.path).to(device)
+        from ._loading import load_kwargs
+
+        pipe = DiffusionPipeline.from_pretrained(spec.path, **load_kwargs()).to(device)
         params = inspect.signature(pipe.__call__).parameters
         needed = "prompt" if spec.kind == "text" else "class_labels"
         if needed not in params:

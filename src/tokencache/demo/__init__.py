@@ -50,8 +50,10 @@ def load_pipeline_from(folder: str | Path, device: str | torch.device = "cpu") -
     """Build a :class:`DigitsPipeline` from ``folder/transformer`` and ``folder/scheduler`` (DDIM)."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
+    from .._loading import load_kwargs
+
     folder = Path(folder)
-    transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer")
+    transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer", **load_kwargs())
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     pipe = DigitsPipeline(transformer=transformer.eval(), scheduler=scheduler)
     return pipe.to(device)

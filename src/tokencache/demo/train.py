@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from tqdm.auto import tqdm
 
+from .._loading import load_kwargs
 from .classifier import DigitClassifier, save_classifier
 from .data import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 
@@ -162,7 +163,7 @@ def train_demo(
         init_info: dict[str, Any] | None = None
         if init_from is not None:
             init_dir = Path(init_from)
-            model = DiTTransformer2DModel.from_pretrained(init_dir / "transformer")
+            model = DiTTransformer2DModel.from_pretrained(init_dir / "transformer", **load_kwargs())
             num_layers = model.config.num_layers
             num_heads, head_dim = model.config.num_attention_heads, model.config.attention_head_dim
             info_file = init_dir / "training.json"
