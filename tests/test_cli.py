@@ -110,3 +110,13 @@ def test_loading_the_shipped_model_prints_no_accelerate_warning(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "accelerate" not in result.stderr, result.stderr
+
+
+def test_demo_default_output_folder_is_git_ignored():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(["git", "check-ignore", "-q", "tokencache-demo/results.json"], cwd=root)
+    assert result.returncode == 0  # `tokencache demo` writes there by default
