@@ -50,8 +50,8 @@ CONFIG_CLASSES = {
     "CalibrationConfig": (CalibrationConfig, {}),
 }
 NUMERIC_FIELDS = [(name, f) for name, (cls, _) in CONFIG_CLASSES.items() for f in _numeric_fields(cls)]
-# TokenCacheConfig.budget defaults to None, so the generic scan misses it
-NUMERIC_FIELDS.append(("TokenCacheConfig", "budget"))
+# numeric fields whose default is None, which the generic scan misses
+NUMERIC_FIELDS += [("TokenCacheConfig", "budget"), ("ToCaConfig", "spatial_cell_size")]
 
 
 def test_every_numeric_field_is_covered():
@@ -73,6 +73,13 @@ def test_integers_beyond_float_range_raise_value_error_naming_the_field(owner, f
         assert len(str(info.value)) < 400  # the message does not print hundreds of digits
 
     check()
+
+
+@pytest.mark.parametrize("value", [{"mlp": 10**400}, (0.0, 10**400), (-(10**400), 0.5)])
+def test_integers_beyond_float_range_inside_containers(value):
+    field = "module_ratio" if isinstance(value, dict) else "sensitive_window"
+    with pytest.raises(ValueError, match=rf"ToCaConfig\.{field}"):
+        tc.ToCaConfig(**{field: value})
 
 
 def test_overflowing_integer_examples_from_the_issue():
