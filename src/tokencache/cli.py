@@ -37,6 +37,13 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.model == "fashion":
+        from .demo.fashion.model import DEFAULT_GUIDANCE as FASHION_GUIDANCE
+        from .demo.fashion.runner import run_fashion_demo
+
+        run_fashion_demo(args.out, quick=args.quick, samples=args.samples, repeats=args.repeats,
+                         guidance=FASHION_GUIDANCE if args.guidance is None else args.guidance)
+        return 0
     from .demo import DEFAULT_GUIDANCE
     from .demo.runner import run_demo
 
@@ -69,6 +76,17 @@ _CALIBRATE_OPTIONS = {"num_steps": "--steps", "budget": "--budget", "schedule": 
                       "calls": "--runs / --per-call / --num-classes / --seed", "token_selection": "--token-selection"}
 
 
+def _cmd_train_fashion(args: argparse.Namespace) -> int:
+    from .demo.fashion.__main__ import run_train
+
+    run_train(args)  # resumes from --out/checkpoint.pt when there is one
+    if args.classifier_out:
+        from .demo.fashion.reference import train_fashion_classifier
+
+        train_fashion_classifier(args.classifier_out, epochs=args.classifier_epochs, num_threads=args.threads)
+    return 0
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import CalibrationConfig, CheckpointMismatchError, calibrate, class_calls, load_checkpoint
     from .config import TPRR
@@ -99,7 +117,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     from .demo import load_model, load_pipeline_from
 
-    pipe = load_model() if args.model == "demo" else load_pipeline_from(args.model)
+    if args.model == "fashion":
+        from .demo import fashion
+
+        pipe = fashion.load_model()
+    else:
+        pipe = load_model() if args.model == "demo" else load_pipeline_from(args.model)
     predictor = calibrate(pipe, config)
     predictor.save_pretrained(args.out)
     c = predictor.calibration
@@ -142,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compare every method on the shipped digits model (table and pictures)")
     p.add_argument("--out", default="tokencache-demo", help="output folder (default ./tokencache-demo)")
+    p.add_argument("--model", choices=["digits", "fashion"], default="digits",
+                   help="the shipped digits DiT (default, quick) or the Fashion-MNIST flow-matching model (196 "
+                        "tokens; its rows compare every token score at the same FLOPs)")
     p.add_argument("--quick", action="store_true", help="20 samples, DDIM only, a few methods (< 1 minute)")
     p.add_argument("--samples", type=int, default=None, help="samples per method, a multiple of 10 (default 50)")
     p.add_argument("--repeats", type=int, default=None,
@@ -161,8 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-epochs", type=int, default=30)
     p.set_defaults(func=_cmd_train_demo, needs_demo_extra=True)
 
+    p = sub.add_parser("train-fashion", help="train (or resume) the Fashion-MNIST flow-matching model; needs "
+                       "the data set (apt-get install dataset-fashion-mnist)")
+    p.add_argument("--out", default="/work/runs/fashion", help="run folder; the same command resumes from it")
+    p.add_argument("--steps", type=int, default=20000, help="total optimiser steps planned (default 20000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["pixart", "dit"], default="pixart")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the fastest on a busy machine)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--classifier-out", default=None,
+                   help="also train the classifier and write the FD reference statistics into this folder")
+    p.add_argument("--classifier-epochs", type=int, default=8)
+    p.set_defaults(func=_cmd_train_fashion, needs_demo_extra=True)
+
     p = sub.add_parser("calibrate", help="calibrate a TokenCache predictor for a class-conditional model")
-    p.add_argument("--model", default="demo", help="'demo' or a folder with transformer/ and scheduler/")
+    p.add_argument("--model", default="demo",
+                   help="'demo', 'fashion' (use --steps 30) or a folder with transformer/ and scheduler/")
     p.add_argument("--out", required=True, help="folder for predictor.safetensors/.json (and a checkpoint)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps to calibrate for (default 50)")
     p.add_argument("--budget", type=float, default=_CALIBRATION_DEFAULTS.budget,
