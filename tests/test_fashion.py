@@ -11,6 +11,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import tokencache as tc
+from tokencache.config import SCORES
 from tokencache.demo.fashion import (
     FashionMNISTMissing,
     FashionPipeline,
@@ -170,3 +171,28 @@ def test_every_token_fresh_equals_uncached(arch, score):
     finally:
         handle.remove()
     torch.testing.assert_close(cached, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_knows_the_fashion_model():
+    from tokencache.cli import build_parser
+    from tokencache.sampling import _resolve_model
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--model", "fashion", "--quick"]).model == "fashion"
+    assert parser.parse_args(["demo"]).model == "digits"  # the quick default stays
+    args = parser.parse_args(["train-fashion", "--out", "x", "--steps", "3"])
+    assert (args.steps, args.arch) == (3, "pixart")
+    assert _resolve_model("fashion", has_prompts=False).kind == "fashion"
+
+
+def test_fashion_demo_methods_compare_scores_at_equal_ratio(monkeypatch):
+    from tokencache.demo.fashion import runner
+
+    monkeypatch.setattr(runner, "shipped_predictor", lambda: None)
+    methods = runner.fashion_methods(quick=False)
+    toca = [m for m in methods if m.family.startswith("ToCa")]
+    assert {m.extra["score"] for m in toca} == set(SCORES)  # attention, similarity, value_norm, entropy, random
+    ratios = {(m.extra["interval"], m.config.fresh_ratio) for m in toca}
+    assert len(ratios) == 2  # one fresh ratio per interval, whatever the score: the same FLOPs
+    assert all(m.sampler == "flow" for m in methods)
+    assert any("TokenCache" in m.name and m.unavailable for m in methods)
