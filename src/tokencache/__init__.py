@@ -9,6 +9,7 @@
 
 from . import presets as _presets  # noqa: F401  (registers the official settings)
 from .calibrate import CalibrationConfig, calibrate, class_calls
+from .compile import compile
 from .config import TPRR, DepthRamp, FORAConfig, StepRamp, ToCaConfig, TokenCacheConfig
 from .handle import CacheHandle, CacheStats, apply
 from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
@@ -39,6 +40,7 @@ __all__ = [
     "apply_small_batch_linear",
     "calibrate",
     "class_calls",
+    "compile",
     "plan",
     "preset",
     "presets",

@@ -41,7 +41,9 @@ class ScoringAttnProcessor:
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> torch.Tensor:
-        sink = self.request()
+        # Traced (tc.compile's compiled attention), the request would guard on the step and the block: that
+        # path only serves calls that report nothing (tc.compile runs the reporting ones eagerly).
+        sink = None if torch.compiler.is_compiling() else self.request()
         if sink is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, sink)
