@@ -132,6 +132,11 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert rec["steps_done"] == 5 and rec["images_per_second"] > 0
     with pytest.raises(ValueError, match="other settings"):
         _tiny_train(tmp_path / "cut", 6, data, class_dropout=0.3)
+    warm = _tiny_train(tmp_path / "warm", 7, data, init_from=tmp_path / "full")  # a new machine, shipped weights
+    assert warm["steps_done"] == 7 and warm["hyper_parameters"]["warm_started_from"]["steps_done"] == 5
+    with pytest.raises(ValueError, match="width"):
+        train_fashion(tmp_path / "warm2", steps=7, data=data, init_from=tmp_path / "full", num_layers=2, width=64,
+                      head_dim=16, progress=False, num_threads=None)
 
 
 @pytest.fixture(scope="module")

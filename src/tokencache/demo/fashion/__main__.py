@@ -16,15 +16,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", choices=["pixart", "dit"], default="pixart")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine, "
+                   "2 threads wasted most CPU time waiting for each other)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--init-from", default=None,
+                   help="warm start a run folder without checkpoint from these weights (e.g. the shipped ones)")
 
 
 def run_train(args: argparse.Namespace) -> dict:
     from .train import train_fashion
 
     return train_fashion(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         arch=args.arch, num_threads=args.threads, checkpoint_seconds=60 * args.checkpoint_minutes)
+                         arch=args.arch, num_threads=args.threads, checkpoint_seconds=60 * args.checkpoint_minutes,
+                         init_from=getattr(args, "init_from", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ __all__ = ["CHECKPOINT", "export_weights", "flow_matching_loss", "train_fashion"
 
 CHECKPOINT = "checkpoint.pt"
 #: Keys of the hyper-parameters that may change when a run is resumed (the rest must match the checkpoint).
-RESUMABLE_CHANGES = ("steps", "num_threads", "checkpoint_seconds", "checkpoint_every")
+RESUMABLE_CHANGES = ("steps", "num_threads", "checkpoint_seconds", "checkpoint_every", "warm_started_from")
 
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor,
@@ -108,6 +108,7 @@ def train_fashion(
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
     heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) toward ``steps`` optimiser steps; checkpoint into ``out_dir``; return the record.
 
@@ -117,6 +118,11 @@ def train_fashion(
     ``checkpoint_seconds`` (and every ``checkpoint_every`` steps if > 0), on SIGTERM/SIGINT and at the end,
     together with the EMA weights as ``transformer/`` + ``scheduler/`` and ``training.json``.
     ``data``/``heldout`` replace the Fashion-MNIST train/test sets (tests).
+
+    ``init_from`` (a folder with ``transformer/`` + ``training.json``, e.g. the shipped weights) warm-starts a run
+    that has no checkpoint yet: model and EMA from those (EMA) weights, the step count from its record, a fresh
+    optimiser and data order (so not bit-identical to an uninterrupted run; for a new machine without the run
+    folder).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
@@ -160,6 +166,8 @@ def train_fashion(
         if changed:
             raise ValueError(f"{ckpt_path} was written with other settings {changed} (checkpoint, now); use "
                              f"the same settings or another --out")
+        if "warm_started_from" in ckpt["hparams"]:
+            hparams["warm_started_from"] = ckpt["hparams"]["warm_started_from"]
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -167,6 +175,21 @@ def train_fashion(
         perm, pos, step = ckpt["perm"], ckpt["pos"], ckpt["step"]
         losses, history, sessions = ckpt["losses"], ckpt["history"], ckpt["sessions"]
         seconds_before = sum(s["seconds"] for s in sessions)
+    elif init_from is not None:
+        prior = json.loads((Path(init_from) / "training.json").read_text())
+        for key in ("arch", "num_layers", "width", "head_dim"):
+            if prior["hyper_parameters"][key] != hparams[key]:
+                raise ValueError(f"--init-from {init_from}: {key} is {prior['hyper_parameters'][key]!r} there, "
+                                 f"{hparams[key]!r} now")
+        weights = type(model).from_pretrained(Path(init_from) / "transformer").state_dict()
+        model.load_state_dict(weights)
+        ema.load_state_dict(weights)
+        step = prior["steps_done"]
+        gen.manual_seed(seed + step)  # a new data order from here
+        perm = torch.randperm(n, generator=gen)
+        history, sessions = prior.get("history", []), prior.get("sessions", [])
+        seconds_before = sum(s["seconds"] for s in sessions)
+        hparams["warm_started_from"] = {"folder": str(init_from), "steps_done": step}
     n_params = sum(p.numel() for p in model.parameters())
     session = {"start_step": step, "end_step": step, "seconds": 0.0, "images_per_second": None,
                "threads": torch.get_num_threads()}
