@@ -189,14 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-fashion", help="train (or resume) the Fashion-MNIST flow-matching model; needs "
                        "the data set (apt-get install dataset-fashion-mnist)")
-    p.add_argument("--out", default="/work/runs/fashion", help="run folder; the same command resumes from it")
-    p.add_argument("--steps", type=int, default=20000, help="total optimiser steps planned (default 20000)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=["pixart", "dit"], default="pixart")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the fastest on a busy machine)")
-    p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    from .demo.fashion.__main__ import add_train_arguments
+
+    add_train_arguments(p)
     p.add_argument("--classifier-out", default=None,
                    help="also train the classifier and write the FD reference statistics into this folder")
     p.add_argument("--classifier-epochs", type=int, default=8)
