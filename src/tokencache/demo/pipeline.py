@@ -11,12 +11,24 @@ from diffusers import DiffusionPipeline, DiTTransformer2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-__all__ = ["DigitsPipeline", "DigitsPipelineOutput", "to_unit_range"]
+__all__ = ["DigitsPipeline", "DigitsPipelineOutput", "format_images", "to_unit_range"]
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """Map images from [-1, 1] to [0, 1] (clamped)."""
     return (images / 2 + 0.5).clamp(0.0, 1.0)
+
+
+def format_images(latents: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray | list:
+    """Final pixel-space latents as ``"pt"`` (float ``(B,C,H,W)`` in [-1, 1]), ``"np"`` (``(B,H,W,C)`` in [0, 1])
+    or ``"pil"`` (grey PIL images)."""
+    images = latents.float().clamp(-1.0, 1.0)
+    if output_type == "pt":
+        return images
+    if output_type in ("np", "pil"):
+        out = to_unit_range(images).cpu().permute(0, 2, 3, 1).numpy()
+        return DiffusionPipeline.numpy_to_pil(out) if output_type == "pil" else out
+    raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
 
 
 # Guidance of every measurement on the shipped model: the bar of quality.json (accuracy >= 90 %, FD within 3x
@@ -116,15 +128,7 @@ class DigitsPipeline(DiffusionPipeline):
                 eps = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
 
-        images = latents.float().clamp(-1.0, 1.0)
-        if output_type == "pt":
-            out: torch.Tensor | np.ndarray | list = images
-        elif output_type in ("np", "pil"):
-            out = to_unit_range(images).cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                out = self.numpy_to_pil(out)
-        else:
-            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+        out = format_images(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (out,)

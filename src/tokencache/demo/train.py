@@ -84,6 +84,15 @@ def _set_builtin_label_dropout(model: torch.nn.Module, prob: float) -> list[floa
     return old
 
 
+def _optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward, clip the gradient norm to ``grad_clip`` (if > 0), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
@@ -219,11 +228,7 @@ def train_demo(
                 group["lr"] = lr_at(step)
             pred = model(xt, timestep=t, class_labels=y).sample
             loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
+            _optimizer_step(model, opt, loss, grad_clip)
             _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
             losses.append(loss.item())
             if step % 10 == 0 or step == steps - 1:

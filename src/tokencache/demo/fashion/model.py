@@ -22,7 +22,7 @@ from diffusers import (
 )
 from diffusers.utils import BaseOutput
 
-from ..pipeline import to_unit_range
+from ..pipeline import format_images
 from .data import IMAGE_SIZE, NUM_CLASSES
 
 __all__ = [
@@ -151,14 +151,6 @@ class FashionPipeline(DiffusionPipeline):
                 v = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(v, t, latents).prev_sample
 
-        images = latents.float().clamp(-1.0, 1.0)
-        if output_type == "pt":
-            out: torch.Tensor | np.ndarray | list = images
-        elif output_type in ("np", "pil"):
-            out = to_unit_range(images).cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                out = self.numpy_to_pil(out)
-        else:
-            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+        out = format_images(latents, output_type)
         self.maybe_free_model_hooks()
         return FashionPipelineOutput(images=out) if return_dict else (out,)

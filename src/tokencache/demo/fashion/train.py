@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..train import _ema_update, _set_builtin_label_dropout
+from ..train import _ema_update, _optimizer_step, _set_builtin_label_dropout
 from .data import NUM_CLASSES, load_fashion
 from .model import build_transformer, make_scheduler, predict_velocity
 
@@ -247,11 +247,7 @@ def train_fashion(
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / max(warmup_steps, 1))
             loss = flow_matching_loss(model, x0, y, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
+            _optimizer_step(model, opt, loss, grad_clip)
             _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
             losses.append(loss.item())
             step += 1
