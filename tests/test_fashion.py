@@ -201,3 +201,28 @@ def test_fashion_demo_methods_compare_scores_at_equal_ratio(monkeypatch):
     assert len(ratios) == 2  # one fresh ratio per interval, whatever the score: the same FLOPs
     assert all(m.sampler == "flow" for m in methods)
     assert any("TokenCache" in m.name and m.unavailable for m in methods)
+
+
+def test_fd_from_statistics_matches_the_metric():
+    from tokencache.demo.classifier import DigitClassifier
+    from tokencache.demo.fashion.reference import fd_to_reference, feature_stats
+    from tokencache.metrics import frechet_distance
+
+    torch.manual_seed(0)
+    clf = DigitClassifier(image_size=28).eval()
+    a = torch.rand(60, 1, 28, 28) * 2 - 1
+    b = torch.rand(40, 1, 28, 28) * 2 - 1.2
+    assert fd_to_reference(a, clf, feature_stats(b, clf)) == pytest.approx(frechet_distance(a, b, clf), rel=1e-4)
+
+
+def test_quality_measure_on_a_tiny_model(tiny_pipe):
+    from tokencache.demo.classifier import DigitClassifier
+    from tokencache.demo.fashion.quality import measure_quality
+    from tokencache.demo.fashion.reference import feature_stats
+
+    torch.manual_seed(0)
+    clf = DigitClassifier(image_size=28).eval()
+    ref = feature_stats(torch.rand(30, 1, 28, 28) * 2 - 1, clf)
+    rec = measure_quality(tiny_pipe, clf, ref, fd_real_halves=1.0, n_per_class=1, steps=2, guidance=1.5)
+    assert rec["n_samples"] == 10 and rec["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert 0 <= rec["accuracy"] <= 1 and rec["fd_ratio"] == rec["fd_test"]
