@@ -11,6 +11,7 @@ from . import presets as _presets  # noqa: F401  (registers the official setting
 from .calibrate import CalibrationConfig, calibrate, class_calls
 from .compile import compile
 from .config import TPRR, DepthRamp, FORAConfig, StepRamp, ToCaConfig, TokenCacheConfig
+from .forecast import ForecastConfig
 from .handle import CacheHandle, CacheStats, apply
 from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
 from .plan import Plan, plan
@@ -27,6 +28,7 @@ __all__ = [
     "CacheStats",
     "DepthRamp",
     "FORAConfig",
+    "ForecastConfig",
     "ModuleSlot",
     "Plan",
     "SmallBatchLinearConfig",

@@ -71,6 +71,13 @@ def check_cache_dtype(cls: type, value: Any) -> None:
                     "torch.bfloat16", value)
 
 
+def _check_forecast(cls: type, value: Any) -> None:
+    from .forecast import ForecastConfig  # forecast.py reuses this module's checks
+
+    if value is not None and not isinstance(value, ForecastConfig):
+        raise _fail(cls, "forecast", "None or a ForecastConfig", value)
+
+
 @dataclass(frozen=True)
 class StepRamp:
     """A linear function of sampling progress: ``start + slope * (i + offset) / T`` at step ``i`` of ``T``."""
@@ -176,6 +183,9 @@ class ToCaConfig(PresetMixin):
     """Seed of the ``random`` score (re-seeded at every sampling run, so runs repeat)."""
     score_chunk_size: int = 1024
     """Queries per chunk when attention statistics are computed, bounding transient memory."""
+    forecast: Any = None
+    """A :class:`tokencache.ForecastConfig`: stale tokens get the Taylor expansion of their own history instead
+    of their cached value; ``None`` reuses it."""
 
     _PRESETS: ClassVar[dict[str, tuple[str, dict[str, Any]]]] = {}
 
@@ -219,6 +229,7 @@ class ToCaConfig(PresetMixin):
         check_cache_dtype(cls, self.cache_dtype)
         check_number(cls, "seed", self.seed, 0, integer=True)
         check_number(cls, "score_chunk_size", self.score_chunk_size, 1, integer=True)
+        _check_forecast(cls, self.forecast)
 
     @property
     def partial_modules(self) -> tuple[str, ...]:
@@ -244,12 +255,22 @@ class FORAConfig(PresetMixin):
     """Steps between full steps (1 = no caching)."""
     cache_dtype: torch.dtype | None = None
     """Storage dtype of the caches; ``None`` keeps the model's dtype."""
+    forecast: Any = None
+    """A :class:`tokencache.ForecastConfig`: between full steps every module's output is forecast from its last
+    computations (a module-level TaylorSeer) instead of reused; ``None`` reuses it."""
+    first_full_steps: int = 1
+    """Leading steps that are always full (warm-up: a forecast needs ``order + 1`` computations)."""
+    last_full_steps: int = 0
+    """Trailing steps that are always full (the last steps decide the fine detail of the sample)."""
 
     _PRESETS: ClassVar[dict[str, tuple[str, dict[str, Any]]]] = {}
 
     def __post_init__(self) -> None:
         check_number(type(self), "interval", self.interval, 1, integer=True)
         check_cache_dtype(type(self), self.cache_dtype)
+        _check_forecast(type(self), self.forecast)
+        check_number(type(self), "first_full_steps", self.first_full_steps, 1, integer=True)
+        check_number(type(self), "last_full_steps", self.last_full_steps, 0, integer=True)
 
     def build_policy(self, num_steps: int, num_blocks: int):
         from .schedule import FORAPolicy
@@ -318,6 +339,9 @@ class TokenCacheConfig:
     steps."""
     cache_dtype: torch.dtype | None = None
     """Storage dtype of the caches; ``None`` keeps the model's dtype."""
+    forecast: Any = None
+    """A :class:`tokencache.ForecastConfig`: pruned tokens get the Taylor expansion of their own history
+    instead of their cached output; ``None`` reuses it."""
 
     def __post_init__(self) -> None:
         cls = type(self)
@@ -344,6 +368,7 @@ class TokenCacheConfig:
                 or any(k not in MODULE_KINDS for k in self.partial_modules)):
             raise _fail(cls, "partial_modules", f"a non-empty tuple of {MODULE_KINDS}", self.partial_modules)
         check_cache_dtype(cls, self.cache_dtype)
+        _check_forecast(cls, self.forecast)
 
     @property
     def effective_budget(self) -> float:

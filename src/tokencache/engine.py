@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flops import block_overhead_flops, slot_flops
+from .flops import block_overhead_flops, output_width, slot_flops
+from .forecast import TokenForecaster, forecast_flops
 from .layouts import BlockEntry, ModuleSlot
 from .schedule import CachePolicy, block_is_full, fresh_tokens
 from .state import SlotKey, SlotState, StepContext, StepTracker, StreamState
@@ -75,6 +76,8 @@ class RunRecord:
     tokens_total: dict[str, int] = field(default_factory=dict)
     flops: int = 0
     flops_full: int = 0
+    forecast_flops: int = 0
+    """Element-wise work of forecasting stale tokens (included in ``flops``)."""
     cfg_shared: bool = False
     cache_bytes: int = 0
     score_bytes: int = 0
@@ -92,6 +95,10 @@ class CacheEngine:
         self.selector = selector
         self.tracker = StepTracker([pipeline] if pipeline is not None else [])
         self.cache_dtype: torch.dtype | None = getattr(config, "cache_dtype", None)
+        forecast = getattr(config, "forecast", None)
+        self.forecast = forecast if forecast is not None and forecast.order > 0 else None
+        self.forecaster = TokenForecaster(forecast) if self.forecast is not None else None
+        self.forecast_axis = forecast.axis if forecast is not None else "step"
         self.context: StepContext | None = None
         self.streams: list[StreamState] = []
         self.policy: CachePolicy | None = None
@@ -149,8 +156,9 @@ class CacheEngine:
             raise RuntimeError(f"batch/token shape changed within a sampling run: stream {call} started with "
                                f"batch {stream.batch} and {stream.num_tokens} tokens, now {batch} and {num_tokens}")
         full_blocks = self.policy.full_blocks[step]
+        position = float(tracker.evaluation) if self.forecast_axis == "step" else tracker.timestep
         self.context = StepContext(step, self.policy.num_steps, full_blocks >= len(self.blocks), stream, grid,
-                                   self.table[step], full_blocks)
+                                   self.table[step], position, full_blocks)
         self._call_rows = 0
         overhead = self._memo(("overhead", num_tokens, batch),
                               lambda: sum(block_overhead_flops(b, num_tokens, batch) for b in self.blocks))
@@ -204,7 +212,7 @@ class CacheEngine:
         return value
 
     def _account(self, block: BlockEntry, slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int,
-                 context_tokens: int, batch: int) -> None:
+                 context_tokens: int, batch: int, full: bool = True) -> None:
         def cost(r: int) -> int:
             return self._memo((block.index, slot.name, r, num_tokens, context_tokens, batch),
                               lambda: slot_flops(slot, module, r, num_tokens, context_tokens, batch))
@@ -215,6 +223,11 @@ class CacheEngine:
         rec.tokens_computed[slot.kind] = rec.tokens_computed.get(slot.kind, 0) + rows * batch
         rec.tokens_total[slot.kind] = rec.tokens_total.get(slot.kind, 0) + num_tokens * batch
         self._call_rows += rows
+        if self.forecast is not None:
+            width = self._memo(("width", block.index, slot.name), lambda: output_width(module))
+            extra = forecast_flops(self.forecast, full, rows, num_tokens, width, batch)
+            rec.flops += extra
+            rec.forecast_flops += extra
 
     def statistic_sink(self, block: int) -> Callable[[torch.Tensor], None] | None:
         """Where an attention processor of ``block`` sends its score statistic now, or None."""
@@ -245,6 +258,8 @@ class CacheEngine:
                 raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
                                    "step of a run must be full")
             output = original(*args, **kwargs)
+            if self.forecaster is not None:
+                self.forecaster.update_all(state, output.detach(), ctx.position)
             self._store_all(state, tokens, output)
             self._account(block, slot, module, num_tokens, num_tokens, context_tokens, batch)
             return output
@@ -252,6 +267,9 @@ class CacheEngine:
         if state.output.shape[:2] != (batch, num_tokens):
             raise RuntimeError(f"cache of {block.name}.{slot.name} holds shape {tuple(state.output.shape[:2])} "
                                f"but the call has ({batch}, {num_tokens})")
+        forecaster = self.forecaster
+        # The expansion is taken before this step's fresh tokens update the cache: it is the stale tokens' value.
+        result = forecaster.predict(state, ctx.position) if forecaster is not None else None
         if rows > 0:
             timer, device = self.timer, tokens.device
             with timer.section("select", device):
@@ -268,6 +286,9 @@ class CacheEngine:
             fresh_out = original(*args, **kwargs)
             with timer.section("scatter", device):
                 out_index = index.unsqueeze(-1).expand(-1, -1, fresh_out.shape[-1])
+                if forecaster is not None:
+                    forecaster.update_rows(state, index, fresh_out.detach(), ctx.position)
+                    result = result.scatter(1, out_index, fresh_out.to(result.dtype))
                 # Out of place: a tensor handed to the block (or a user's hook) is never modified afterwards.
                 state.output = state.output.scatter(1, out_index, fresh_out.to(state.output.dtype))
                 state.steps_since_fresh += 1
@@ -276,8 +297,8 @@ class CacheEngine:
                     state.last_input.scatter_(1, gather, fresh.to(state.last_input.dtype))
         else:
             state.steps_since_fresh += 1
-        self._account(block, slot, module, rows, num_tokens, context_tokens, batch)
-        return state.output.to(state.output_dtype)
+        self._account(block, slot, module, rows, num_tokens, context_tokens, batch, full=False)
+        return result if result is not None else state.output.to(state.output_dtype)
 
     def _store_all(self, state: SlotState, tokens: torch.Tensor, output: torch.Tensor) -> None:
         state.output = output.detach().to(self.cache_dtype or output.dtype)

@@ -60,3 +60,12 @@ def block_overhead_flops(block: BlockEntry, num_tokens: int, batch: int) -> int:
         else:
             flops += 2 * module.in_features * module.out_features
     return batch * flops
+
+
+def output_width(module: nn.Module) -> int:
+    """Features of a cacheable module's output: those of its last linear layer (an attention's output
+    projection, a feed-forward's second linear)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(module).__name__} has no linear layer to read its output width from")
+    return linears[-1].out_features

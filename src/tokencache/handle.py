@@ -44,6 +44,8 @@ class CacheStats:
     """Per module type, tokens recomputed over tokens a full run computes."""
     flops: int
     flops_full: int
+    forecast_flops: int
+    """Element-wise work of forecasting stale tokens, included in ``flops``."""
     cache_bytes: int
     """Bytes held by module caches (and frequency counters) at the end of the run."""
     score_bytes: int
@@ -86,6 +88,7 @@ def _stats_from(method: str, record: RunRecord) -> CacheStats:
         fresh_fraction={k: record.tokens_computed[k] / record.tokens_total[k] for k in record.tokens_total},
         flops=record.flops,
         flops_full=record.flops_full,
+        forecast_flops=record.forecast_flops,
         cache_bytes=record.cache_bytes,
         score_bytes=record.score_bytes,
         cfg_shared_selection=record.cfg_shared,

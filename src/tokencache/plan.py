@@ -10,8 +10,10 @@ from typing import Any
 from torch import nn
 
 from .engine import token_table
-from .flops import block_overhead_flops, slot_flops
+from .flops import block_overhead_flops, output_width, slot_flops
+from .forecast import forecast_flops
 from .layouts import find_blocks
+from .schedule import block_is_full
 
 # PixArt-alpha pads captions to 120 T5 tokens (PixArt-Sigma: 300).
 DEFAULT_CONTEXT_TOKENS = 120
@@ -58,6 +60,8 @@ class Plan:
     flops_full: int
     step_flops: tuple[int, ...]
     """FLOPs of each step; an uncached step costs ``flops_full / num_steps``."""
+    forecast_flops: int = 0
+    """Element-wise work of forecasting stale tokens, included in ``flops``."""
 
     @property
     def speedup(self) -> float:
@@ -100,7 +104,8 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     policy = config.build_policy(num_steps, len(blocks))
     table = token_table(policy, blocks, n)
     overhead = sum(block_overhead_flops(b, n, batch_size) for b in blocks)
-    flops = flops_full = 0
+    forecast = getattr(config, "forecast", None)
+    flops = flops_full = extra_flops = 0
     kinds, fractions, step_flops = [], [], []
     for step in range(num_steps):
         before = flops
@@ -114,6 +119,11 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
                 largest = max(largest, rows / n)
                 flops += slot_flops(slot, module, rows, n, context_tokens, batch_size)
                 flops_full += slot_flops(slot, module, n, n, context_tokens, batch_size)
+                if forecast is not None:
+                    full = block_is_full(policy, step, block.index) or rows >= n
+                    extra = forecast_flops(forecast, full, rows, n, output_width(module), batch_size)
+                    flops += extra
+                    extra_flops += extra
             row.append(largest)
         flops += overhead
         flops_full += overhead
@@ -123,4 +133,4 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
         fractions.append(tuple(row))
     method = type(config).__name__.removesuffix("Config")
     return Plan(method, num_steps, len(blocks), n, batch_size, tuple(kinds), tuple(fractions), flops, flops_full,
-                tuple(step_flops))
+                tuple(step_flops), extra_flops)

@@ -118,7 +118,11 @@ class FORAPolicy:
         self.config = config
         self.num_steps = num_steps
         self.num_blocks = num_blocks
-        self.full_steps = tuple(step % config.interval == 0 for step in range(num_steps))
+        # the warm-up steps, then every ``interval`` steps counted from the last of them
+        last_warmup = config.first_full_steps - 1
+        first_trailing = num_steps - config.last_full_steps
+        self.full_steps = tuple(step <= last_warmup or step >= first_trailing
+                                or (step - last_warmup) % config.interval == 0 for step in range(num_steps))
         self.full_blocks = whole_steps(self.full_steps, num_blocks)
 
     def fresh_ratio(self, step: int, block: int, kind: str) -> float:

@@ -26,10 +26,17 @@ class SlotState:
     """Partial steps since each token was last recomputed (B, n)."""
     last_input: torch.Tensor | None = None
     """Module input when each token was last recomputed (only for the ``similarity`` score)."""
+    derivatives: list[torch.Tensor] | None = None
+    """With forecasting: finite-difference derivative estimates of each token's output, orders 1..m (B, n, D)."""
+    positions: torch.Tensor | None = None
+    """With forecasting: the steps (or timesteps) of each token's last m computations, newest first (B, n, m)."""
+    history: torch.Tensor | None = None
+    """With forecasting: computations of each token so far, capped at m + 1 (which orders are known)."""
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.output, self.steps_since_fresh, self.last_input)
-                   if t is not None)
+        tensors = [self.output, self.steps_since_fresh, self.last_input, self.positions, self.history,
+                   *(self.derivatives or [])]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -69,6 +76,8 @@ class StepContext:
     grid: tuple[int, int]
     tokens: dict[tuple[int, str], int]
     """Fresh tokens per (block, module kind) at this step (``n`` in full blocks)."""
+    position: float = 0.0
+    """Where this call lies on the forecasting axis: the model evaluation's index, or its timestep."""
     full_blocks: int | None = None
     """Leading blocks that are full at this step (1 on the official DiT schedule's mixed steps, where block 0
     re-decides the interval); ``None``: all when ``is_full``, none otherwise."""
@@ -159,6 +168,11 @@ class StepTracker:
     @property
     def num_steps(self) -> int:
         return self.layout.num_steps if self.layout is not None else 0
+
+    @property
+    def timestep(self) -> float | None:
+        """The timestep value of the current call."""
+        return self._last_timestep
 
     @property
     def step(self) -> int:

@@ -1,0 +1,209 @@
+"""Token-wise forecasting: order 0 is the reusing cache bit for bit, Newton's form is exact on polynomials,
+full steps only give diffusers' TaylorSeer, no state leaks, accounting equals the plan."""
+
+import pytest
+import torch
+from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+from torch import nn
+
+import tokencache as tc
+from tokencache.schedule import whole_steps
+
+from models import tiny_dit, tiny_dit_pipeline
+from test_equivalence import dit_pipe_run
+
+F = tc.ForecastConfig
+
+
+def _predictor() -> tc.TokenCachePredictor:
+    return tc.TokenCachePredictor(
+        3, 16, 8, "features", model=dict(class_name="DiTTransformer2DModel"),
+        calibration=dict(budget=0.5, schedule=dict(early_cached_steps=2, late_cached_steps=1, boundary=0.5),
+                         block_sensitivity=[1.0, 2.0, 3.0]))
+
+
+ORDER_ZERO = {
+    "toca": lambda forecast: tc.ToCaConfig(score="random", fresh_ratio=0.3, forecast=forecast),
+    "fora": lambda forecast: tc.FORAConfig(interval=3, forecast=forecast),
+    "tokencache": lambda forecast: tc.TokenCacheConfig(_predictor(), token_selection="similarity",
+                                                      forecast=forecast),
+}
+
+
+@pytest.mark.parametrize("method", list(ORDER_ZERO))
+def test_order_zero_is_the_reusing_cache_bit_for_bit(method):
+    pipe = tiny_dit_pipeline()
+    outputs = []
+    for forecast in (None, F(order=0)):
+        handle = tc.apply(pipe, ORDER_ZERO[method](forecast))
+        outputs.append(dit_pipe_run(pipe, steps=8))
+        assert handle.stats().forecast_flops == 0
+        handle.remove()
+    assert (outputs[0] == outputs[1]).all()
+
+
+class PolynomialFeature(nn.Module):
+    """A feed-forward stand-in whose output is a known polynomial in an external position ``s``."""
+
+    def __init__(self, width: int, tokens: int, degree: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width)  # present for the FLOP counter's output width; its output is unused
+        g = torch.Generator().manual_seed(1)
+        self.coefficients = [torch.randn(tokens, width, generator=g) for _ in range(degree + 1)]
+        self.s = 0.0
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        rows = hidden_states.shape[1]
+        value = sum(c[:rows] * self.s ** j for j, c in enumerate(self.coefficients))
+        return 0.0 * self.proj(hidden_states) + value.expand(hidden_states.shape[0], -1, -1)
+
+
+def _polynomial_run(forecast: tc.ForecastConfig, timesteps: list[float], interval: int = 4):
+    transformer = tiny_dit(num_layers=1)
+    width = transformer.transformer_blocks[0].ff.net[-1].out_features
+    feature = PolynomialFeature(width, 16, degree=2)
+    transformer.transformer_blocks[0].ff = feature
+    seen = []
+    feature.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    handle = tc.apply(transformer, tc.FORAConfig(interval=interval, first_full_steps=3, forecast=forecast))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    pairs = []
+    with torch.no_grad(), handle.sampling(num_steps=len(timesteps)):
+        for step, t in enumerate(timesteps):
+            feature.s = float(step) if forecast.axis == "step" else t / 1000  # a quadratic in t as well
+            expected = feature(x.new_zeros(2, 16, width))  # outside a transformer call: computed, not cached
+            seen.clear()
+            transformer(x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([1, 2]))
+            pairs.append((expected, seen[-1]))
+    stats = handle.stats()
+    handle.remove()
+    return pairs, stats
+
+
+@pytest.mark.parametrize("axis", ["step", "timestep"])
+def test_newton_forecast_is_exact_on_a_quadratic(axis):
+    """Full steps 0, 1, 2, 6; steps 3-5 and 7-9 forecast a quadratic feature exactly (uneven timesteps too)."""
+    timesteps = [999.0, 950.0, 870.0, 800.0, 700.0, 640.0, 500.0, 420.0, 300.0, 100.0]
+    pairs, stats = _polynomial_run(F(order=2, axis=axis, expansion="newton"), timesteps)
+    assert stats.step_kinds.count("reuse") == 6
+    for expected, got in pairs:
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_taylor_expansion_is_not_exact_on_a_quadratic():
+    """TaylorSeer's x^j / j! form with backward differences is off by D2 * x / 2 on a quadratic: documented."""
+    pairs, _ = _polynomial_run(F(order=2, axis="step", expansion="taylor"), [900.0 - 80 * i for i in range(10)])
+    errors = [float((got - expected).abs().max()) for expected, got in pairs]
+    assert max(errors[:3]) < 1e-4 and max(errors[3:6]) > 1e-2
+
+
+class TaylorSeerSchedule:
+    """A config whose full steps are those of diffusers' TaylorSeer hook: the first ``warmup`` steps, then
+    every step ``i`` with ``(i - warmup - 1) % interval == 0``; nothing is recomputed in between."""
+
+    def __init__(self, interval: int, warmup: int, order: int) -> None:
+        self.interval, self.warmup = interval, warmup
+        self.forecast = F(order=order)
+        self.cache_dtype = None
+
+    def build_policy(self, num_steps: int, num_blocks: int):
+        config = self
+
+        class Policy:
+            def __init__(self) -> None:
+                self.num_steps, self.num_blocks = num_steps, num_blocks
+                self.full_steps = tuple(i < config.warmup or (i - config.warmup - 1) % config.interval == 0
+                                        for i in range(num_steps))
+                self.full_blocks = whole_steps(self.full_steps, num_blocks)
+
+            def fresh_ratio(self, step: int, block: int, kind: str) -> float:
+                return 0.0
+
+        return Policy()
+
+    def build_selector(self) -> None:
+        return None
+
+
+def _euler_loop(transformer, steps: int, taylorseer_context: bool = False) -> torch.Tensor:
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in range(steps):
+            t = 900 - 70 * i
+            if taylorseer_context:  # DiT is no CacheMixin: open the context its pipelines would
+                _set_cache_context(transformer, CacheContext("cond_uncond", i, steps, torch.tensor(t)))
+            out = transformer(x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([1, 2])).sample
+            x = x - 0.05 * out[:, :4]
+    return x
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_full_steps_only_is_diffusers_taylorseer(order):
+    steps = 12
+    reference = tiny_dit()
+    apply_taylorseer_cache(reference, TaylorSeerCacheConfig(
+        cache_interval=3, disable_cache_before_step=2, max_order=order, taylor_factors_dtype=torch.float32,
+        cache_identifiers=[r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]))
+    expected = _euler_loop(reference, steps, taylorseer_context=True)
+    plain = _euler_loop(tiny_dit(), steps)
+    transformer = tiny_dit()
+    handle = tc.apply(transformer, TaylorSeerSchedule(interval=3, warmup=2, order=order))
+    with handle.sampling(num_steps=steps):
+        got = _euler_loop(transformer, steps)
+    assert handle.stats().reuse_steps == 7
+    handle.remove()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)  # it did cache
+
+
+@pytest.mark.parametrize("config", [
+    tc.FORAConfig(interval=3, forecast=F(order=2), last_full_steps=1),
+    tc.ToCaConfig(score="similarity", fresh_ratio=0.3, forecast=F(order=1, token_update="differences")),
+    tc.ToCaConfig(score="random", fresh_ratio=0.3, forecast=F(order=2, expansion="newton", axis="timestep")),
+])
+def test_runs_repeat_flops_equal_plan_and_memory_is_reported(config):
+    pipe = tiny_dit_pipeline()
+    handle = tc.apply(pipe, config)
+    first = dit_pipe_run(pipe, steps=9)
+    dit_pipe_run(pipe, steps=9, labels=(3, 4, 5))  # another batch size in between
+    again = dit_pipe_run(pipe, steps=9)
+    stats = handle.stats()
+    handle.remove()
+    assert (first == again).all()
+    plan = tc.plan(config, pipe.transformer, 9, batch_size=4)
+    assert stats.flops == plan.flops and stats.forecast_flops == plan.forecast_flops > 0
+    plain = tc.apply(pipe, tc.FORAConfig(interval=3))
+    dit_pipe_run(pipe, steps=9)
+    reuse_bytes = plain.stats().cache_bytes
+    plain.remove()
+    assert stats.cache_bytes > reuse_bytes  # the derivative estimates are counted
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_models_and_factor_dtypes(dtype):
+    transformer = tiny_dit(dtype=dtype)
+    sizes = {}
+    for factor_dtype in (None, torch.bfloat16):
+        handle = tc.apply(transformer, tc.FORAConfig(interval=3, forecast=F(order=2, dtype=factor_dtype)))
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+        with torch.no_grad(), handle.sampling(num_steps=8):
+            for i in range(8):
+                out = transformer(x, timestep=torch.tensor([900 - 100 * i] * 2), class_labels=torch.tensor([1, 2]))
+                assert out.sample.dtype == dtype and torch.isfinite(out.sample).all()
+        sizes[factor_dtype] = handle.stats().cache_bytes
+        handle.remove()
+    assert sizes[torch.bfloat16] <= sizes[None]
+
+
+def test_forecast_config_validation():
+    for bad in (dict(order=5), dict(order=-1), dict(order=1.5), dict(axis="sigma"), dict(expansion="hermite"),
+                dict(token_update="blend"), dict(dtype=torch.int8)):
+        field = next(iter(bad))
+        with pytest.raises(ValueError, match=f"ForecastConfig.{field}"):
+            F(**bad)
+    with pytest.raises(ValueError, match="ToCaConfig.forecast"):
+        tc.ToCaConfig(forecast=2)
+    with pytest.raises(ValueError, match="FORAConfig.last_full_steps"):
+        tc.FORAConfig(last_full_steps=-1)
