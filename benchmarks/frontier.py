@@ -110,6 +110,7 @@ def tokencache_methods(quick: bool, ddpm: bool) -> list[Method]:
             label = "calibrated" if budget is None else budget
             methods.append(Method(f"TokenCache budget={label}", "TokenCache", extra=dict(budget=budget),
                                   config=tc.TokenCacheConfig(predictor, budget=budget)))
+    methods += forecast_methods(quick)
     methods += [Method(f"DDIM-{s} (fewer steps)", "fewer steps", steps=s) for s in ((20,) if quick else DDIM_STEPS)]
     if ddpm:
         methods.append(Method("no cache (DDPM-250)", "no cache", sampler="ddpm", steps=250))
@@ -118,6 +119,25 @@ def tokencache_methods(quick: bool, ddpm: bool) -> list[Method]:
                            extra=dict(score="attention", interval=n)) for n in TOCA_INTERVALS]
         methods += [Method(f"DDPM-{s} (fewer steps)", "fewer steps", sampler="ddpm", steps=s) for s in DDPM_STEPS]
     return methods
+
+
+def forecast_methods(quick: bool) -> list[Method]:
+    """Forecasting between full steps (the ``forecast-n*`` presets, further intervals), and the variants it won
+    against: TaylorSeer's expansion, order 1, and token-wise recomputation on top of the forecast (ToCa)."""
+    forecast = tc.ForecastConfig
+    rows = [(f"forecast N={n} (preset)", tc.FORAConfig.preset(f"forecast-n{n}"))
+            for n in ((5,) if quick else (3, 4, 5, 6, 7))]
+    if not quick:
+        rows += [(f"forecast N={n} newton o{o}", tc.FORAConfig(interval=n, last_full_steps=1,
+                                                               forecast=forecast(o, expansion="newton")))
+                 for n, o in ((2, 3), (8, 2), (10, 2))]
+        rows += [("forecast N=5 taylor o3", tc.FORAConfig(interval=5, last_full_steps=1, forecast=forecast(3))),
+                 ("forecast N=5 newton o1", tc.FORAConfig(interval=5, last_full_steps=1, forecast=forecast(1))),
+                 ("ToCa+forecast similarity N=6 r=0.05", tc.ToCaConfig(
+                     full_step_interval=6, fresh_ratio=0.05, score="similarity", module_ratio={"mlp": 1.0},
+                     full_step_placement="official", forecast=forecast(2, expansion="newton")))]
+    return [Method(name, "forecast" if name.startswith("forecast") else "ToCa+forecast", config=config)
+            for name, config in rows]
 
 
 def peer_methods(pipe: Any, peers: list[Peer], samplers: tuple[str, ...]) -> list[tuple[Method, Peer]]:

@@ -10,7 +10,7 @@ from tokencache.cli import main
 def test_plan_command_prints_grid_and_flops(capsys):
     assert main(["plan", "--preset", "dit-ddim50", "--model", "dit-xl-2", "--steps", "50"]) == 0
     out = capsys.readouterr().out
-    assert "FLOPs: 10.300 T of 23.744 T uncached -> 2.31x" in out
+    assert "FLOPs: 10.252 T of 23.744 T uncached -> 2.32x" in out
     assert out.count("FFFFFFFFFFFFFFFFFFFFFFFFFFFF") == 18
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import DepthRamp, FORAConfig, StepRamp, ToCaConfig
+from .forecast import ForecastConfig
 
 # DiT-XL/2: attention work moved to the MLP, M(attn) = 1 - (1 - 0.6) * 2.5 = 0 and M(mlp) = 1 + 0.6 * 2.5.
 _DIT_COMMON: dict[str, Any] = dict(
@@ -64,6 +65,19 @@ FORAConfig._PRESETS.update(
         "fora-n2": ("FORA, full step every 2 steps", dict(interval=2)),
         "fora-n4": ("FORA, full step every 4 steps", dict(interval=4)),
         "fora-n6": ("FORA, full step every 6 steps", dict(interval=6)),
+    }
+)
+
+# Forecasting between full steps (a module-level TaylorSeer with Newton's form) and the last step full: the
+# settings that won on the shipped digits DiT (DDIM-50; benchmarks/results/frontier.md). Newton order 3 gave
+# 48.2 dB PSNR at N=5 against 43.5 for TaylorSeer's form and 41.8 for order 1; at N=7 order 2 did best.
+FORAConfig._PRESETS.update(
+    {
+        f"forecast-n{n}": (
+            f"FORA schedule, full step every {n} steps and the last one; Newton forecast of order {order} in between",
+            dict(interval=n, last_full_steps=1, forecast=ForecastConfig(order=order, expansion="newton")),
+        )
+        for n, order in ((3, 3), (4, 3), (5, 3), (6, 2), (7, 2))
     }
 )
 
