@@ -8,6 +8,10 @@ Metrics use the shipped classifier: ``accuracy`` (classifier label == requested 
 between the samples and the stored statistics of the 10,000 real test images (``fd_reference.safetensors``).
 Yardstick ``fd_real_halves`` = FD between the two stratified halves of the real test set (5,000 / 5,000),
 stored in ``classifier.json``. Bar: ``accuracy >= 0.80`` and ``fd_test <= 3 * fd_real_halves``.
+Caveat: FD is biased upwards for small sets, and 1,000 REAL training images already score about
+``3 * fd_real_halves`` against the test statistics (``fd_real_same_n`` in ``classifier.json``: 2.27 for one seeded
+draw, 2.74 for another, vs 3 x 0.90 = 2.70), so ``meets_bar`` is hardly reachable at 1,000 samples;
+``meets_bar_same_n`` uses ``3 * fd_real_same_n`` (real images at the same sample count) as the FD limit instead.
 """
 
 from __future__ import annotations
@@ -35,18 +39,22 @@ FD_FACTOR_BAR = 3.0
 
 def measure_quality(pipe: FashionPipeline, classifier: nn.Module, reference: dict[str, torch.Tensor],
                     fd_real_halves: float, n_per_class: int = 100, steps: int = DEFAULT_STEPS,
-                    guidance: float = DEFAULT_GUIDANCE, seed: int = 0) -> dict[str, Any]:
+                    guidance: float = DEFAULT_GUIDANCE, seed: int = 0,
+                    fd_real_same_n: dict[str, float] | None = None) -> dict[str, Any]:
     """Sample ``10 * n_per_class`` images and score them; returns accuracy, FD and whether the bar is met."""
     start = time.perf_counter()
     samples, labels = sample_per_class(pipe, n_per_class, steps, guidance, seed)
     seconds = time.perf_counter() - start
     acc = class_accuracy(samples, labels, classifier)
     fd = fd_to_reference(samples, classifier, reference)
+    same_n = (fd_real_same_n or {}).get(str(len(samples)))
     return {
         "guidance": guidance, "steps": steps, "scheduler": type(pipe.scheduler).__name__,
         "n_samples": len(samples), "seed": seed, "accuracy": acc, "fd_test": fd,
         "fd_real_halves": fd_real_halves, "fd_ratio": fd / fd_real_halves,
         "meets_bar": bool(acc >= ACCURACY_BAR and fd <= FD_FACTOR_BAR * fd_real_halves),
+        "fd_real_same_n": same_n,
+        "meets_bar_same_n": None if same_n is None else bool(acc >= ACCURACY_BAR and fd <= FD_FACTOR_BAR * same_n),
         "sampling_seconds": seconds,
     }
 
@@ -70,17 +78,20 @@ def write_quality_report(folder: str | Path | None = None, guidances: Sequence[f
     pipe = load_pipeline_from(folder)
     classifier = load_classifier_from(clf_folder)
     reference = load_reference(clf_folder)
-    fd_halves = json.loads((clf_folder / "classifier.json").read_text())["fd_real_halves"]
+    clf_meta = json.loads((clf_folder / "classifier.json").read_text())
+    fd_halves, same_n = clf_meta["fd_real_halves"], clf_meta.get("fd_real_same_n")
     runs = []
     for g in guidances:
-        runs.append(measure_quality(pipe, classifier, reference, fd_halves, n_per_class, steps, g, seed))
+        runs.append(measure_quality(pipe, classifier, reference, fd_halves, n_per_class, steps, g, seed, same_n))
         print(json.dumps(runs[-1]), flush=True)
     training = folder / "training.json"
     report = {
         "protocol": (__doc__ or "").strip().split("\n\n", 2)[-1],
         "bar": {"accuracy_min": ACCURACY_BAR, "fd_test_max_factor_of_fd_real_halves": FD_FACTOR_BAR},
-        "baselines": {"fd_real_halves": fd_halves},
+        "baselines": {"fd_real_halves": fd_halves, "fd_real_same_n": same_n,
+                      "classifier_test_accuracy": clf_meta.get("test_accuracy")},
         "bar_met_at_guidance": [r["guidance"] for r in runs if r["meets_bar"]],
+        "same_n_bar_met_at_guidance": [r["guidance"] for r in runs if r["meets_bar_same_n"]],
         "training_steps": json.loads(training.read_text()).get("steps_done") if training.is_file() else None,
         "runs": runs,
         "torch": torch.__version__,
