@@ -207,3 +207,16 @@ def test_forecast_config_validation():
         tc.ToCaConfig(forecast=2)
     with pytest.raises(ValueError, match="FORAConfig.last_full_steps"):
         tc.FORAConfig(last_full_steps=-1)
+
+
+def test_tokencache_with_forecast_runs_and_equals_its_plan():
+    """Forecasting under TPRR, block selection and the learned predictor's ranking."""
+    pipe = tiny_dit_pipeline()
+    config = tc.TokenCacheConfig(_predictor(), token_selection="predictor", forecast=F(order=2, expansion="newton"))
+    handle = tc.apply(pipe, config)
+    out = dit_pipe_run(pipe, steps=8)
+    stats = handle.stats()
+    handle.remove()
+    plan = tc.plan(config, pipe.transformer, 8, batch_size=4)
+    assert stats.flops == plan.flops and stats.forecast_flops > 0 and stats.partial_steps > 0
+    assert (out == out).all()  # finite

@@ -37,6 +37,7 @@ def demo_methods(quick: bool, ddpm: bool) -> list[Method]:
     predictor = shipped_predictor()
     if predictor is not None:
         methods.append(Method("TokenCache", "TokenCache", config=TokenCacheConfig(predictor)))
+    methods.append(Method("forecast N=5 (forecast-n5)", "forecast", config=FORAConfig.preset("forecast-n5")))
     if not quick:
         methods.append(Method("DDIM-20 (fewer steps)", "fewer steps", steps=20))
     if ddpm and not quick:
