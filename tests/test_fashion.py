@@ -226,3 +226,19 @@ def test_quality_measure_on_a_tiny_model(tiny_pipe):
     rec = measure_quality(tiny_pipe, clf, ref, fd_real_halves=1.0, n_per_class=1, steps=2, guidance=1.5)
     assert rec["n_samples"] == 10 and rec["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     assert 0 <= rec["accuracy"] <= 1 and rec["fd_ratio"] == rec["fd_test"]
+
+
+def test_sample_and_eval_on_the_shipped_fashion_model(tmp_path, capsys):
+    from tokencache.cli import main
+    from tokencache.demo import fashion
+
+    try:
+        fashion.assets_dir()
+    except FileNotFoundError:
+        pytest.skip("no shipped Fashion-MNIST weights")
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", "fashion", "--method", "none", "--num-samples", "2", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert main(["eval", "--samples", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num_samples"] == 2 and result["num_real"] == 10000
