@@ -41,10 +41,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def compiled_twice(pipe, run, config, max_graphs: int) -> None:
+def compiled_twice(pipe, run, config, max_graphs: int, model: bool = False) -> None:
     """Eager cached run, then two tc.compile'd runs: equal outputs, at most ``max_graphs`` graphs, none new in
-    the second run, no graph break inside the compiled modules."""
-    handle = tc.apply(pipe, config)
+    the second run; without ``model`` (only the cached modules compiled), no graph break."""
+    handle = tc.apply(pipe, config, **({"small_batch_linear": None} if model else {}))
     eager = torch.from_numpy(run(pipe))
     eager_stats = handle.stats()
     backend = CompileCounterWithBackend("aot_eager")
@@ -54,7 +54,8 @@ def compiled_twice(pipe, run, config, max_graphs: int) -> None:
     second = torch.from_numpy(run(pipe))
     assert 1 <= graphs <= max_graphs, f"{graphs} graphs"
     assert backend.frame_count == graphs, "the second run compiled again"
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    if not model:
+        assert not counters["graph_break"], dict(counters["graph_break"])
     assert handle.stats().step_kinds == eager_stats.step_kinds
     assert "partial" in eager_stats.step_kinds or "reuse" in eager_stats.step_kinds
     torch.testing.assert_close(first, eager, atol=1e-5, rtol=1e-5)
@@ -76,19 +77,40 @@ def test_pixart_compiled_matches_eager_with_bounded_compiles():
     compiled_twice(tiny_pixart_pipeline(), pixart_pipe_run, config, 2 * 3)
 
 
-def test_graph_count_does_not_grow_with_depth():
-    """The compiled modules' graphs are shared by all blocks: 6 blocks compile what 3 do."""
+# The transformer's own graphs when tc.compile compiles it in place too (the few-row linear route off, as on a
+# GPU): DiT's forward and each block's, up to and between the cache's hooks, shared by all blocks.
+DIT_MODEL_GRAPHS = 7
+
+
+@pytest.mark.parametrize("name", ["toca-attention", "toca-ramped"])
+def test_dit_compiled_with_the_model_matches_eager_with_bounded_compiles(name):
+    config, max_graphs = DIT_CONFIGS[name]
+    compiled_twice(tiny_dit_pipeline(), dit_pipe_run, config, max_graphs + DIT_MODEL_GRAPHS, model=True)
+
+
+@pytest.mark.parametrize("small_batch_linear", [True, False])
+def test_graph_count_does_not_grow_with_depth(small_batch_linear):
+    """All blocks share the graphs: 6 blocks compile what 2 do (with the route on, only the cached modules are
+    compiled; with it off, the transformer too)."""
     counts = []
-    for layers in (3, 6):
+    for layers in (2, 6):
         torch._dynamo.reset()
         pipe = tiny_dit_pipeline(num_layers=layers)
-        handle = tc.apply(pipe, tc.ToCaConfig(**PARTIAL, score="random"))
+        handle = tc.apply(pipe, tc.ToCaConfig(**PARTIAL, score="random"),
+                          **({} if small_batch_linear else {"small_batch_linear": None}))
         backend = CompileCounterWithBackend("aot_eager")
         tc.compile(handle, backend=backend)
         dit_pipe_run(pipe, steps=6)
         counts.append(backend.frame_count)
         handle.remove()
     assert counts[0] == counts[1]
+    assert counts[0] == 3 if small_batch_linear else counts[0] > 3
+
+
+def test_model_compile_needs_the_route_off():
+    handle = tc.apply(tiny_dit(), tc.FORAConfig())
+    with pytest.raises(ValueError, match="small_batch_linear=None"):
+        tc.compile(handle, model=True)
 
 
 def test_remove_drops_the_compiled_modules():
@@ -119,9 +141,9 @@ def test_torch_compiled_model_is_rejected_by_apply():
 
 
 def test_in_place_compile_after_apply_runs_eagerly_where_the_cache_decides():
-    """transformer.compile() after tc.apply is correct: the cache's bookkeeping and decisions are graph breaks
-    (torch.compiler.disable), never traced. It is not the recipe: each block's forward compiles again
-    (diffusers' hooks are per-module attributes, guarded by identity) and the modules' compute stays eager."""
+    """transformer.compile() after tc.apply (route on) is correct: the cache's bookkeeping and decisions are
+    graph breaks (torch.compiler.disable), never traced. It is not the recipe: the cached modules' compute
+    stays eager, and the route's per-module hooks (guarded by identity) make each block compile anew."""
     pipe = tiny_dit_pipeline()
     handle = tc.apply(pipe, tc.ToCaConfig(**PARTIAL))
     eager = torch.from_numpy(dit_pipe_run(pipe, steps=6))

@@ -1,17 +1,21 @@
-"""``tc.compile``: torch.compile a cached transformer, region by region.
+"""``tc.compile``: torch.compile a cached transformer with a bounded number of compiles.
 
 A cache decides in Python at every call which tokens each module computes: the step, the number of fresh
 tokens ``k`` (which varies with the step and the block), the tokens themselves. Traced by dynamo, those
 decisions would become guards on Python ints and recompile at nearly every step. So the hooks run the
 decisions, the token gather and the scatter eagerly (``torch.compiler.disable``: a graph break, never a
-guard), and this compiles what they call: each cached module's own forward (attention, MLP), once per code
-path, with the token dimension dynamic so that every ``k`` (and the full ``n``) reuses one graph.
+guard), and ``tc.compile`` compiles around them:
 
-Why not ``transformer.compile()`` in place: diffusers' hooks make each hooked module's ``forward`` an
-instance attribute, which dynamo guards by identity, so every block's forward compiles anew (and the
-transformer's loop over blocks, which breaks at each cached module, falls back to eager). It runs, but with
-one compile per block and code path until ``torch._dynamo.config.recompile_limit`` (8) is hit, after which
-the remaining blocks run eagerly.
+* each cached module's own forward (attention, MLP), once per code path, shared by all blocks, with the
+  token dimension dynamic so that every ``k`` (and the full ``n``) reuses one graph;
+* the rest of the transformer (embedders, adaLN, gates, residuals, final layer) by compiling the transformer
+  in place, as ``transformer.compile()`` does: its graphs end at the cache's hooks, and each block reuses the
+  first block's graphs.
+
+The second part is skipped while tc.apply's few-row linear route (:mod:`tokencache.small_linear`, CPU only)
+is on: diffusers' hooks make a hooked module's ``forward`` an instance attribute, which dynamo guards by
+identity, so with the route's hooks in every block's adaLN each block's forward would compile anew until
+``torch._dynamo.config.recompile_limit`` (8) is hit, and the blocks after that would run eagerly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from .handle import CacheHandle
 from .hooks import MODULE_HOOK, ModuleCacheHook, is_applied, resolve_target
 from .processors import ScoringAttnProcessor
+from .small_linear import SMALL_LINEAR_HOOK
 
 
 class CompiledCompute:
@@ -60,18 +65,29 @@ def cached_module_hooks(transformer: nn.Module) -> list[tuple[nn.Module, ModuleC
     return found
 
 
-def compile(target: Any, **compile_kwargs: Any) -> int:  # noqa: A001 (tc.compile mirrors torch.compile)
-    """Compile the cached modules (attention, MLP) of a transformer :func:`tokencache.apply` cached.
+def has_small_batch_linear(transformer: nn.Module) -> bool:
+    """Whether some linear of ``transformer`` carries the few-row ``W @ xᵀ`` route's hook."""
+    return any(getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook(SMALL_LINEAR_HOOK)
+               is not None for m in transformer.modules())
+
+
+def compile(target: Any, *, model: bool | None = None, **compile_kwargs: Any) -> int:  # noqa: A001 (as torch.compile)
+    """Compile a transformer :func:`tokencache.apply` cached, with a bounded number of compiles.
 
     ``target``: the :class:`CacheHandle`, or the pipeline or transformer the cache was applied to.
-    ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ``options``, ``dynamic``...). Call it
-    after ``tc.apply`` and again after a new ``tc.apply`` (``handle.remove()`` drops the compiled modules with
-    the hooks). Returns how many modules were compiled.
+    ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ``options``...). Call it after
+    ``tc.apply``, and again after a new ``tc.apply``: ``handle.remove()`` drops the compiled modules with the
+    hooks (the in-place compile of the transformer stays, as after ``transformer.compile()``).
 
-    Each cached module is compiled once per code path (full tokens, fresh queries against all keys, an
-    attention score's explicit path on full steps), shared by all blocks, with a dynamic token dimension:
-    a run compiles a handful of graphs (see the README's torch.compile section) and the next runs none.
-    The cache's decisions, the transformer's embedding, adaLN and gates stay eager.
+    The cached modules are compiled with a dynamic token dimension, at most three graphs per module type (all
+    tokens, fresh tokens, a single fresh token), shared by all blocks; calls that report an attention score's
+    statistic (full steps of ToCa's attention-based scores) stay eager. ``model``: also compile the rest of
+    the transformer in place (its graphs end at the cache's hooks and are shared by all blocks); the default
+    does so unless tc.apply's CPU few-row linear route is on, whose per-module hooks would make every block
+    compile anew (``tc.apply(..., small_batch_linear=None)`` turns it off). A run compiles a handful of
+    graphs (the README's torch.compile section counts them) and the next runs none.
+
+    Returns how many cached modules were compiled.
     """
     transformer = target.transformer if isinstance(target, CacheHandle) else resolve_target(target)[0]
     if isinstance(target, CacheHandle):
@@ -80,8 +96,15 @@ def compile(target: Any, **compile_kwargs: Any) -> int:  # noqa: A001 (tc.compil
         raise ValueError("tc.compile compiles a cached transformer: call tc.apply(pipeline_or_transformer, config) "
                          "first (to compile a model without a cache, use torch.compile or "
                          "transformer.compile() directly)")
+    routed = has_small_batch_linear(transformer)
+    if model and routed:
+        raise ValueError("tc.compile(..., model=True) with tc.apply's few-row linear route on would compile every "
+                         "block anew (its hooks are guarded per module): apply the cache with "
+                         "tc.apply(..., small_batch_linear=None), or leave model to its default")
     hooks = cached_module_hooks(transformer)
     for module, hook in hooks:
         eager = hook.fn_ref.original_forward
         hook.compute = CompiledCompute(module, eager, torch.compile(eager, **compile_kwargs))
+    if model if model is not None else not routed:
+        transformer.compile(**compile_kwargs)
     return len(hooks)
