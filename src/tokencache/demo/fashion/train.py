@@ -112,7 +112,7 @@ def train_fashion(
     checkpoint_seconds: float = 600.0,
     checkpoint_every: int = 0,
     heldout_images: int = 250,
-    num_threads: int | None = 2,
+    num_threads: int | None = 1,
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
     heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: bool = True,
