@@ -21,6 +21,15 @@ def dit_pipe_run(pipe, steps=12, labels=(1, 7)):
                 output_type="np").images
 
 
+def cached_run_and_plan(pipe, config, steps: int, batch_size: int = 4):
+    """One cached DiT pipeline run: its stats and the plan of the same config (batch 4: 2 labels with CFG)."""
+    handle = tc.apply(pipe, config)
+    dit_pipe_run(pipe, steps=steps)
+    stats = handle.stats()
+    handle.remove()
+    return stats, tc.plan(config, pipe.transformer, steps, batch_size=batch_size)
+
+
 def pixart_pipe_run(pipe, steps=8):
     return pipe(prompt=None, negative_prompt=None, num_inference_steps=steps, height=8, width=8,
                 use_resolution_binning=False, generator=torch.Generator().manual_seed(3), output_type="np",

@@ -25,7 +25,7 @@ import tokencache as tc
 from tokencache.shapes import build_transformer
 
 from models import tiny_dit, tiny_dit_pipeline, tiny_vae
-from test_equivalence import ALL_FRESH, dit_pipe_run
+from test_equivalence import ALL_FRESH, cached_run_and_plan, dit_pipe_run
 
 FORA = tc.FORAConfig(interval=2)
 EXACT = tc.ToCaConfig(**ALL_FRESH, score="random")
@@ -328,10 +328,5 @@ def test_mixed_step_run_equals_plan_and_block0_is_recomputed():
     steps = 12
     policy = ToCaPolicy(config, steps, 3)
     assert any(0 < f < 3 for f in policy.full_blocks)
-    pipe = tiny_dit_pipeline()
-    handle = tc.apply(pipe, config)
-    dit_pipe_run(pipe, steps=steps)
-    stats = handle.stats()
-    handle.remove()
-    plan = tc.plan(config, pipe.transformer, steps, batch_size=4)
+    stats, plan = cached_run_and_plan(tiny_dit_pipeline(), config, steps)
     assert stats.flops == plan.flops and stats.step_kinds == plan.step_kinds

@@ -12,7 +12,7 @@ from tokencache.layouts import find_blocks
 from tokencache.predictor import allocate_block_ratios
 
 from models import tiny_dit, tiny_dit_pipeline, tiny_pixart
-from test_equivalence import dit_kwargs, dit_pipe_run, hand_loop
+from test_equivalence import cached_run_and_plan, dit_kwargs, dit_pipe_run, hand_loop
 
 STEPS = 10
 
@@ -44,12 +44,7 @@ def test_calibration_leaves_the_model_unchanged(calibrated):
 
 def test_inference_flops_equal_plan_and_budget(calibrated):
     pipe, predictor = calibrated
-    config = tc.TokenCacheConfig(predictor)
-    handle = tc.apply(pipe, config)
-    dit_pipe_run(pipe, steps=STEPS)
-    stats = handle.stats()
-    handle.remove()
-    plan = tc.plan(config, pipe.transformer, STEPS, batch_size=4)
+    stats, plan = cached_run_and_plan(pipe, tc.TokenCacheConfig(predictor), STEPS)
     assert stats.flops == plan.flops and stats.step_kinds == plan.step_kinds
     assert stats.step_kinds == tuple("full" if f else "partial" for f in tc.TPRR(2, 1, 0.5).full_steps(STEPS))
     assert stats.speedup > 1.3
