@@ -150,8 +150,8 @@ def is_applied(module: nn.Module) -> bool:
 def check_not_compiled(module: nn.Module) -> None:
     """A ``torch.compile`` wrapper hides the model's forward and modules behind ``_orig_mod``."""
     if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
-        raise TypeError("tc.apply got a torch.compile()'d module: apply the cache to the model itself "
-                        "(before compiling it)")
+        raise TypeError("tc.apply got a torch.compile()'d module: apply the cache to the model itself, then "
+                        "compile it with tc.compile(handle)")
 
 
 def resolve_target(target: Any) -> tuple[nn.Module, Any | None]:
