@@ -214,3 +214,27 @@ def test_tokencache_with_forecast_runs_and_equals_its_plan():
     config = tc.TokenCacheConfig(_predictor(), token_selection="predictor", forecast=F(order=2, expansion="newton"))
     stats, plan = cached_run_and_plan(tiny_dit_pipeline(), config, 8)
     assert stats.flops == plan.flops and stats.forecast_flops > 0 and stats.partial_steps > 0
+
+
+@pytest.mark.parametrize("preset", ["forecast-n4", "forecast-n6"])
+def test_scalar_fast_path_equals_the_per_token_path(monkeypatch, preset):
+    """FORA-style runs take the scalar path (all tokens share their history); it equals the per-token one."""
+    from tokencache.forecast import TokenForecaster
+
+    pipe = tiny_dit_pipeline()
+    config = tc.FORAConfig.preset(preset)
+    handle = tc.apply(pipe, config)
+    fast = dit_pipe_run(pipe, steps=12)
+    handle.remove()
+    update_all = TokenForecaster.update_all
+
+    def per_token(self, state, output, position):
+        update_all(self, state, output, position)
+        state.uniform = None
+
+    monkeypatch.setattr(TokenForecaster, "update_all", per_token)
+    handle = tc.apply(pipe, config)
+    slow = dit_pipe_run(pipe, steps=12)
+    handle.remove()
+    assert torch.allclose(torch.from_numpy(fast), torch.from_numpy(slow), atol=1e-5)
+    assert not (fast == dit_pipe_run(pipe, steps=12)).all()  # the cache did change the output

@@ -102,14 +102,42 @@ class TokenForecaster:
             state.positions = torch.full((batch, tokens, self.order), position, dtype=torch.float64,
                                          device=output.device)
             state.history = torch.ones((batch, tokens), dtype=torch.int8, device=output.device)
+            state.uniform = ([position] * self.order, 1)
             return
-        new = self._differences(output, old, state.derivatives, state.history, state.positions, position)
-        state.derivatives = [d.to(self._factor_dtype(output)) for d in new]
+        if state.uniform is not None:
+            state.derivatives = self._uniform_differences(output, old, state.derivatives, *state.uniform, position)
+            positions, history = state.uniform
+            state.uniform = ([position, *positions[:-1]], min(history + 1, self.order + 1))
+        else:
+            new = self._differences(output, old, state.derivatives, state.history, state.positions, position)
+            state.derivatives = [d.to(self._factor_dtype(output)) for d in new]
         state.positions = self._shifted(state.positions, position)
         state.history = (state.history + 1).clamp_(max=self.order + 1)
 
+    def _uniform_differences(self, value: torch.Tensor, old: torch.Tensor, old_differences: list[torch.Tensor],
+                             positions: list[float], history: int, position: float) -> list[torch.Tensor]:
+        """:meth:`_differences` when every token shares its positions and history (no token was recomputed
+        apart from the others since the last full step: FORA, TaylorSeer): scalar distances, no masks, which
+        matters on small models where these element-wise passes cost as much as the module itself."""
+        dtype = self._factor_dtype(value)
+        compute = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
+        current = value.to(compute)
+        previous = [old, *old_differences]
+        new: list[torch.Tensor] = []
+        for j in range(self.order):
+            distance = position - positions[j if self.newton else 0]
+            if distance == 0:  # a repeated timestep: keep the estimates
+                return [*new, *old_differences[j:]]
+            if j >= history:  # not enough computations yet for this order
+                new += [torch.zeros_like(old_differences[j]) for _ in range(j, self.order)]
+                return new
+            current = torch.sub(current, previous[j].to(compute)).mul_(1.0 / distance)
+            new.append(current.to(dtype))
+        return new
+
     def update_rows(self, state: Any, index: torch.Tensor, fresh: torch.Tensor, position: float) -> None:
         """Tokens ``index`` (B, k) were recomputed at ``position``; call before ``state.output`` is updated."""
+        state.uniform = None  # tokens now have histories of their own
         rows = index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
         where = index.unsqueeze(-1).expand(-1, -1, self.order)
         positions = state.positions.gather(1, where)
@@ -158,6 +186,8 @@ class TokenForecaster:
         """The expansion of every token at ``position``, in the module's output dtype."""
         dtype = state.output_dtype
         compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        if state.uniform is not None:
+            return self._uniform_predict(state, position, compute).to(dtype)
         offsets = (position - state.positions).to(compute)  # (B, n, m): to each of the last m computations
         out = state.output.to(compute)
         weight = torch.ones_like(offsets[..., :1])
@@ -170,3 +200,18 @@ class TokenForecaster:
                 term = weight / math.factorial(j)
             out = out + derivative.to(compute) * term
         return out.to(dtype)
+
+    def _uniform_predict(self, state: Any, position: float, compute: torch.dtype) -> torch.Tensor:
+        """:meth:`predict` with scalar coefficients (every token shares its positions): one fused pass per
+        known order."""
+        positions, history = state.uniform
+        out = state.output.to(compute)
+        weight = 1.0
+        for j in range(1, min(history, self.order + 1)):
+            if self.newton:
+                weight *= position - positions[j - 1]
+            else:
+                weight *= (position - positions[0]) / j
+            out = torch.add(out, state.derivatives[j - 1], alpha=weight) if j == 1 else \
+                out.add_(state.derivatives[j - 1], alpha=weight)
+        return out

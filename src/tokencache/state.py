@@ -30,6 +30,9 @@ class SlotState:
     """With forecasting: finite-difference derivative estimates of each token's output, orders 1..m (B, n, D)."""
     positions: torch.Tensor | None = None
     """With forecasting: the steps (or timesteps) of each token's last m computations, newest first (B, n, m)."""
+    uniform: tuple[list[float], int] | None = None
+    """With forecasting, while every token shares its positions and history (no partial update since the
+    last full step): those positions and that history, for the scalar fast path."""
     history: torch.Tensor | None = None
     """With forecasting: computations of each token so far, capped at m + 1 (which orders are known)."""
 
