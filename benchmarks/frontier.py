@@ -130,7 +130,7 @@ def forecast_methods(quick: bool) -> list[Method]:
     if not quick:
         rows += [(f"forecast N={n} newton o{o}", tc.FORAConfig(interval=n, last_full_steps=1,
                                                                forecast=forecast(o, expansion="newton")))
-                 for n, o in ((2, 3), (8, 2), (10, 2))]
+                 for n, o in ((2, 3), (2, 2), (2, 1), (8, 2), (10, 2))]
         rows += [("forecast N=5 taylor o3", tc.FORAConfig(interval=5, last_full_steps=1, forecast=forecast(3))),
                  ("forecast N=5 newton o1", tc.FORAConfig(interval=5, last_full_steps=1, forecast=forecast(1))),
                  ("ToCa+forecast similarity N=6 r=0.05", tc.ToCaConfig(
