@@ -20,7 +20,8 @@ START, END = "<!-- benchmark-summary -->", "<!-- /benchmark-summary -->"
 # Rows of the frontier shown in the summary: each family's setting nearest the ToCa N=4 budget, and the peers.
 FRONTIER_ROWS = (
     "ToCa attention N=4", "ToCa similarity N=4", "ToCa value_norm N=4", "FORA N=3", "TokenCache budget=0.7",
-    "TokenCache budget=0.9", "forecast N=", "DDIM-20 (fewer steps)", "DDIM-10 (fewer steps)", "diffusers TaylorSeer", "diffusers FBCache", "cache-dit DBCache",
+    "TokenCache budget=0.9", "forecast N=", "DDIM-20 (fewer steps)", "DDIM-10 (fewer steps)",
+    "diffusers TaylorSeer", "diffusers FBCache", "cache-dit DBCache",
     "ToCa dit-ddpm250 N=4", "DDPM-100 (fewer steps)",
 )
 
