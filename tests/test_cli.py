@@ -12,6 +12,8 @@ def test_plan_command_prints_grid_and_flops(capsys):
     out = capsys.readouterr().out
     assert "FLOPs: 10.252 T of 23.744 T uncached -> 2.32x" in out
     assert out.count("FFFFFFFFFFFFFFFFFFFFFFFFFFFF") == 18
+    assert main(["plan", "--preset", "dit-ddim50", "--steps", "50", "--counting", "toca"]) == 0
+    assert "FLOPs (toca counter): 10.233 T of 23.735 T uncached -> 2.32x" in capsys.readouterr().out
 
 
 def test_plan_command_pixart_and_local_checkpoint(tmp_path, capsys):

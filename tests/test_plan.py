@@ -15,14 +15,17 @@ def dit_xl_2():
 
 
 def test_dit_xl2_uncached_flops_match_published(dit_xl_2):
-    plan = tc.plan(tc.ToCaConfig.preset("dit-ddim50"), dit_xl_2, 50, batch_size=2)
-    assert plan.flops_full == pytest.approx(23.74e12, rel=0.02)
+    plan = tc.plan(tc.ToCaConfig.preset("dit-ddim50"), dit_xl_2, 50, batch_size=2, counting="toca")
+    assert plan.flops_full == pytest.approx(23.74e12, rel=0.002)
+    # the engine's own count: 5 FLOPs per LayerNorm element, 2 per MAC of the adaLN linear, no GELU
+    engine = tc.plan(tc.ToCaConfig.preset("dit-ddim50"), dit_xl_2, 50, batch_size=2)
+    assert engine.counting == "engine" and engine.flops_full == pytest.approx(23.744e12, rel=1e-4)
 
 
 def test_dit_ddim50_speedup_matches_published(dit_xl_2):
-    plan = tc.plan(tc.ToCaConfig.preset("dit-ddim50"), dit_xl_2, 50, batch_size=2)
-    assert plan.speedup == pytest.approx(2.32, rel=0.05)
-    assert plan.flops == pytest.approx(10.23e12, rel=0.05)
+    plan = tc.plan(tc.ToCaConfig.preset("dit-ddim50"), dit_xl_2, 50, batch_size=2, counting="toca")
+    assert plan.speedup == pytest.approx(2.32, rel=0.002)
+    assert plan.flops == pytest.approx(10.23e12, rel=0.002)
     assert plan.step_kinds[0] == "full"
     # DDIM-50's step factor is negative for the first quarter: those partial steps recompute nothing, but for
     # the official placement's mixed step 4, where block 0 alone is full
@@ -36,9 +39,34 @@ def test_dit_ddim50_speedup_matches_published(dit_xl_2):
 
 
 def test_dit_ddpm250_speedup_matches_published(dit_xl_2):
-    plan = tc.plan(tc.ToCaConfig.preset("dit-ddpm250"), dit_xl_2, 250, batch_size=2)
-    assert plan.flops_full == pytest.approx(118.68e12, rel=0.02)
-    assert plan.speedup == pytest.approx(2.73, rel=0.05)
+    plan = tc.plan(tc.ToCaConfig.preset("dit-ddpm250"), dit_xl_2, 250, batch_size=2, counting="toca")
+    assert plan.flops_full == pytest.approx(118.68e12, rel=0.002)
+    assert plan.flops == pytest.approx(43.42e12, rel=0.002)
+    assert plan.speedup == pytest.approx(2.733, rel=0.002)
+
+
+def test_toca_counter_is_the_official_per_block_formula(dit_xl_2):
+    """The ``toca`` convention, block by block, as the official DiT-ToCa counter writes it (B samples, N tokens,
+    C features, h heads): LayerNorms 2BNC, adaLN BC + 6BC², attention with 1 FLOP per query element for the
+    scaling, MLP 16BNC² + 6 FLOPs per GELU element."""
+    from tokencache.flops import TOCA_COUNTER, block_overhead_flops, slot_flops
+    from tokencache.layouts import find_blocks
+
+    b, n, c, h = 2, 256, 1152, 16
+    block = find_blocks(dit_xl_2)[0]
+    overhead = 2 * b * n * c + b * c + 6 * b * c * c
+    attn = 6 * b * n * c * c + b * n * c + 2 * b * n * n * c + 5 * b * h * n * n + 2 * b * n * n * c + 2 * b * n * c * c
+
+    def mlp(rows):
+        return 16 * b * rows * c * c + 6 * b * rows * 4 * c
+
+    assert block_overhead_flops(block, n, b, convention=TOCA_COUNTER) == overhead
+    costs = {slot.kind: (slot, module) for slot, module in block.slots()}
+    assert slot_flops(*costs["self_attn"], n, n, 0, b, convention=TOCA_COUNTER) == attn
+    assert slot_flops(*costs["mlp"], n, n, 0, b, convention=TOCA_COUNTER) == mlp(n)
+    assert slot_flops(*costs["mlp"], 37, n, 0, b, convention=TOCA_COUNTER) == mlp(37)
+    with pytest.raises(ValueError, match="counting"):
+        tc.plan(tc.ToCaConfig.preset("dit-ddim50"), dit_xl_2, 50, counting="paper")
 
 
 def test_fora_plan_counts_reuse_steps(dit_xl_2):

@@ -25,7 +25,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         transformer = build_transformer(args.model)
     result = plan(config, transformer, args.steps, batch_size=args.batch, num_tokens=args.tokens,
-                  context_tokens=args.context_tokens)
+                  context_tokens=args.context_tokens, counting=args.counting)
     print(result)
     return 0
 
@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="image tokens (default: from the model's sample size)")
     p.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS,
                    help=f"text tokens of cross-attention (default {DEFAULT_CONTEXT_TOKENS})")
+    p.add_argument("--counting", choices=["engine", "toca"], default="engine",
+                   help="FLOP convention: 'engine' (default) as a real run's statistics count, 'toca' as the "
+                        "official DiT-ToCa counter behind the ToCa paper's figures")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("presets", help="list the presets")

@@ -4,9 +4,16 @@ Convention (ALGORITHMS.md §1): 2 FLOPs per multiply-accumulate of every linear 
 QKᵀ and AV products, 5 FLOPs per softmax element and per LayerNorm element; the embedders, patch embedding
 and final layer are excluded. Linear layers of a block outside its cacheable modules (adaLN modulation)
 act on one row per sample.
+
+:data:`TOCA_COUNTER` is the other convention a plan can count in: the one of the official DiT-ToCa code's
+FLOP counter (``--test-FLOPs``), which produced the ToCa paper's DiT figures (23.74 -> 10.23 TFLOPs on
+DDIM-50, 118.68 -> 43.42 on DDPM-250).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -16,24 +23,75 @@ SOFTMAX_FLOPS_PER_ELEMENT = 5
 LAYERNORM_FLOPS_PER_ELEMENT = 5
 
 
+@dataclass(frozen=True)
+class FlopConvention:
+    """What one element or multiply-accumulate of each kind of work counts. The linears of the cacheable
+    modules and attention's QKᵀ and AV products always count 2 FLOPs per multiply-accumulate."""
+
+    name: str
+    layernorm: int = LAYERNORM_FLOPS_PER_ELEMENT
+    """Per element of a LayerNorm."""
+    softmax: int = SOFTMAX_FLOPS_PER_ELEMENT
+    """Per element of attention's softmax."""
+    modulation_mac: int = 2
+    """Per multiply-accumulate of a block's linears outside its cacheable modules (adaLN modulation)."""
+    modulation_activation: int = 0
+    """Per input element of those linears (the SiLU in front of the adaLN modulation)."""
+    query_scale: int = 0
+    """Per element of the queries, scaled by ``1/sqrt(head_dim)`` before QKᵀ."""
+    mlp_activation: int = 0
+    """Per element of a feed-forward's hidden activation (the outputs of its linears but the last)."""
+
+
+ENGINE_COUNTER = FlopConvention("engine")
+"""The engine's own count (ALGORITHMS.md §1): the one a real run's statistics report."""
+
+TOCA_COUNTER = FlopConvention("toca", layernorm=1, modulation_mac=1, modulation_activation=1, query_scale=1,
+                              mlp_activation=6)
+"""The official DiT-ToCa counter: 1 FLOP per LayerNorm element, 1 per multiply-accumulate of the adaLN
+modulation linear plus 1 per element of its SiLU, 1 per query element for the scaling, 6 per element of the
+MLP's GELU; the rest as :data:`ENGINE_COUNTER`. Like the engine it counts the norms and the modulation of
+every block on every step, and attention and MLP on the tokens they compute."""
+
+FLOP_CONVENTIONS: dict[str, FlopConvention] = {c.name: c for c in (ENGINE_COUNTER, TOCA_COUNTER)}
+Counting = Literal["engine", "toca"]
+
+
+def flop_convention(counting: str | FlopConvention) -> FlopConvention:
+    if isinstance(counting, FlopConvention):
+        return counting
+    if counting not in FLOP_CONVENTIONS:
+        raise ValueError(f"counting must be one of {sorted(FLOP_CONVENTIONS)}; got {counting!r}")
+    return FLOP_CONVENTIONS[counting]
+
+
 def linear_flops(module: nn.Module, rows: int) -> int:
     """FLOPs of every ``nn.Linear`` inside ``module`` applied to ``rows`` rows."""
     return sum(2 * rows * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def attention_flops(attn: nn.Module, query_rows: int, kv_rows: int) -> int:
+def attention_flops(attn: nn.Module, query_rows: int, kv_rows: int, *,
+                    convention: FlopConvention = ENGINE_COUNTER) -> int:
     """One sample of a diffusers ``Attention``: projections, QKᵀ, softmax, AV and output projection."""
     inner = attn.to_q.out_features
     flops = linear_flops(attn.to_q, query_rows)
     flops += linear_flops(attn.to_k, kv_rows) + linear_flops(attn.to_v, kv_rows)
+    flops += convention.query_scale * query_rows * inner
     flops += 2 * 2 * query_rows * kv_rows * inner
-    flops += SOFTMAX_FLOPS_PER_ELEMENT * attn.heads * query_rows * kv_rows
+    flops += convention.softmax * attn.heads * query_rows * kv_rows
     flops += linear_flops(attn.to_out, query_rows)
     return flops
 
 
+def mlp_flops(mlp: nn.Module, rows: int, *, convention: FlopConvention = ENGINE_COUNTER) -> int:
+    """One sample of a feed-forward: its linears, and its hidden activation where the convention counts it."""
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    hidden = sum(m.out_features for m in linears[:-1])
+    return linear_flops(mlp, rows) + convention.mlp_activation * rows * hidden
+
+
 def slot_flops(slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int, context_tokens: int,
-               batch: int) -> int:
+               batch: int, *, convention: FlopConvention = ENGINE_COUNTER) -> int:
     """FLOPs of one call of a cacheable module that recomputes ``rows`` of ``num_tokens`` image tokens.
 
     ``context_tokens`` is the key/value length of a cross-attention (text tokens).
@@ -41,13 +99,14 @@ def slot_flops(slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int, 
     if rows == 0:
         return 0
     if slot.kind == "self_attn":
-        return batch * attention_flops(module, rows, num_tokens)
+        return batch * attention_flops(module, rows, num_tokens, convention=convention)
     if slot.kind == "cross_attn":
-        return batch * attention_flops(module, rows, context_tokens)
-    return batch * linear_flops(module, rows)
+        return batch * attention_flops(module, rows, context_tokens, convention=convention)
+    return batch * mlp_flops(module, rows, convention=convention)
 
 
-def block_overhead_flops(block: BlockEntry, num_tokens: int, batch: int) -> int:
+def block_overhead_flops(block: BlockEntry, num_tokens: int, batch: int, *,
+                         convention: FlopConvention = ENGINE_COUNTER) -> int:
     """FLOPs a block spends every step outside its cacheable modules: LayerNorms on all tokens and the
     adaLN modulation projection (one row per sample)."""
     flops = 0
@@ -56,9 +115,10 @@ def block_overhead_flops(block: BlockEntry, num_tokens: int, batch: int) -> int:
             width = 1
             for d in module.normalized_shape:
                 width *= d
-            flops += LAYERNORM_FLOPS_PER_ELEMENT * num_tokens * width
+            flops += convention.layernorm * num_tokens * width
         else:
-            flops += 2 * module.in_features * module.out_features
+            flops += (convention.modulation_mac * module.in_features * module.out_features
+                      + convention.modulation_activation * module.in_features)
     return batch * flops
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from .engine import token_table
-from .flops import block_overhead_flops, output_width, slot_flops
+from .flops import Counting, FlopConvention, block_overhead_flops, flop_convention, output_width, slot_flops
 from .forecast import forecast_flops
 from .layouts import find_blocks
 from .schedule import block_is_full
@@ -62,6 +62,9 @@ class Plan:
     """FLOPs of each step; an uncached step costs ``flops_full / num_steps``."""
     forecast_flops: int = 0
     """Element-wise work of forecasting stale tokens, included in ``flops``."""
+    counting: str = "engine"
+    """The FLOP convention of ``flops`` (:mod:`tokencache.flops`): ``engine``, or ``toca`` (the official
+    DiT-ToCa counter)."""
 
     @property
     def speedup(self) -> float:
@@ -82,28 +85,32 @@ class Plan:
                             else ("." if f == 0 else str(min(9, max(1, math.ceil(10 * f))))) for f in row)
             lines.append(f"{step:4d} {kind:<7} {cells}")
         lines.append(f"steps: {self.count('full')} full, {self.count('partial')} partial, {self.count('reuse')} reuse")
-        lines.append(f"FLOPs: {self.flops / 1e12:.3f} T of {self.flops_full / 1e12:.3f} T uncached "
+        counter = "" if self.counting == "engine" else f" ({self.counting} counter)"
+        lines.append(f"FLOPs{counter}: {self.flops / 1e12:.3f} T of {self.flops_full / 1e12:.3f} T uncached "
                      f"-> {self.speedup:.2f}x")
         return "\n".join(lines)
 
 
 def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 2, num_tokens: int | None = None,
-         context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> Plan:
+         context_tokens: int = DEFAULT_CONTEXT_TOKENS, counting: Counting | FlopConvention = "engine") -> Plan:
     """Plan ``config`` on ``transformer`` for ``num_steps`` steps and a transformer batch of ``batch_size``.
 
     The default 2 is one image with classifier-free guidance, the batch the DiT and PixArt pipelines pass the
     transformer; give 1 for an unguided sample. ``num_tokens`` (image tokens per sample) defaults to the one
-    the model's ``sample_size`` gives."""
+    the model's ``sample_size`` gives. ``counting="engine"`` counts FLOPs as a real run's statistics do;
+    ``"toca"`` as the official DiT-ToCa code's counter, the one behind the ToCa paper's DiT figures (same
+    schedule, other per-element costs: see :data:`tokencache.flops.TOCA_COUNTER`)."""
     _check_count("num_steps", num_steps, 1)
     _check_count("batch_size", batch_size, 1)
     if num_tokens is not None:
         _check_count("num_tokens", num_tokens, 1)
     _check_count("context_tokens", context_tokens, 0)
+    convention = flop_convention(counting)
     blocks = find_blocks(transformer)
     n = num_tokens if num_tokens is not None else default_num_tokens(transformer)
     policy = config.build_policy(num_steps, len(blocks))
     table = token_table(policy, blocks, n)
-    overhead = sum(block_overhead_flops(b, n, batch_size) for b in blocks)
+    overhead = sum(block_overhead_flops(b, n, batch_size, convention=convention) for b in blocks)
     forecast = getattr(config, "forecast", None)
     flops = flops_full = extra_flops = 0
     kinds, fractions, step_flops = [], [], []
@@ -117,8 +124,8 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
                 rows = table[step][(block.index, slot.kind)]
                 computed += rows
                 largest = max(largest, rows / n)
-                flops += slot_flops(slot, module, rows, n, context_tokens, batch_size)
-                flops_full += slot_flops(slot, module, n, n, context_tokens, batch_size)
+                flops += slot_flops(slot, module, rows, n, context_tokens, batch_size, convention=convention)
+                flops_full += slot_flops(slot, module, n, n, context_tokens, batch_size, convention=convention)
                 if forecast is not None:
                     full = block_is_full(policy, step, block.index) or rows >= n
                     extra = forecast_flops(forecast, full, rows, n, output_width(module), batch_size)
@@ -133,4 +140,4 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
         fractions.append(tuple(row))
     method = type(config).__name__.removesuffix("Config")
     return Plan(method, num_steps, len(blocks), n, batch_size, tuple(kinds), tuple(fractions), flops, flops_full,
-                tuple(step_flops), extra_flops)
+                tuple(step_flops), extra_flops, convention.name)
