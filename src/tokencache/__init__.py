@@ -7,10 +7,11 @@
     handle.remove()
 """
 
+from . import models as _models  # noqa: F401  (registers the model families' layouts and shapes)
 from . import presets as _presets  # noqa: F401  (registers the official settings)
 from .calibrate import CalibrationConfig, calibrate, class_calls
 from .compile import compile
-from .config import TPRR, DepthRamp, FORAConfig, StepRamp, ToCaConfig, TokenCacheConfig
+from .config import TPRR, BlockFactors, DepthRamp, FORAConfig, StepRamp, ToCaConfig, TokenCacheConfig
 from .forecast import ForecastConfig
 from .handle import CacheHandle, CacheStats, apply
 from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
@@ -22,6 +23,7 @@ from .small_linear import SmallBatchLinearConfig, SmallBatchLinearHandle, apply_
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockFactors",
     "BlockLayout",
     "CacheHandle",
     "CalibrationConfig",

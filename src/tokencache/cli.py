@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from . import sampling
 from .calibrate import CalibrationConfig
 from .config import TOKEN_SELECTIONS
-from .plan import DEFAULT_CONTEXT_TOKENS, plan
+from .plan import plan
 from .presets import preset, presets
-from .shapes import MODEL_SHAPES, build_transformer
+from .shapes import MODEL_SHAPES, PLAN_DEFAULTS, build_transformer
 
 _CALIBRATION_DEFAULTS = CalibrationConfig()
 
@@ -24,8 +24,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         transformer = build_transformer(str(assets_dir()), device="meta")
     else:
         transformer = build_transformer(args.model)
-    result = plan(config, transformer, args.steps, batch_size=args.batch, num_tokens=args.tokens,
-                  context_tokens=args.context_tokens, counting=args.counting)
+    defaults = PLAN_DEFAULTS.get(args.model, {})
+    tokens = args.tokens if args.tokens is not None else defaults.get("num_tokens")
+    context = args.context_tokens if args.context_tokens is not None else defaults.get("context_tokens")
+    result = plan(config, transformer, args.steps, batch_size=args.batch, num_tokens=tokens, context_tokens=context,
+                  counting=args.counting)
     print(result)
     return 0
 
@@ -154,10 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"'demo' (the shipped digits DiT), one of {', '.join(sorted(MODEL_SHAPES))}, or a local "
                         "diffusers checkpoint directory")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--batch", type=int, default=2, help="transformer batch, 2 = one image with CFG (default 2)")
-    p.add_argument("--tokens", type=int, default=None, help="image tokens (default: from the model's sample size)")
-    p.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS,
-                   help=f"text tokens of cross-attention (default {DEFAULT_CONTEXT_TOKENS})")
+    p.add_argument("--batch", type=int, default=2, help="transformer batch, 2 = one image with CFG in one batch "
+                   "(default 2); 1 for FLUX-dev (guidance embedding) and per call for Wan (CFG in two calls)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="image tokens (default: the model's published resolution)")
+    p.add_argument("--context-tokens", type=int, default=None,
+                   help="text tokens (default: the model family's caption length: PixArt 120, FLUX 512)")
     p.add_argument("--counting", choices=["engine", "toca"], default="engine",
                    help="FLOP convention: 'engine' (default) as a real run's statistics count, 'toca' as the "
                         "official DiT-ToCa counter behind the ToCa paper's figures")

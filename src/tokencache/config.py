@@ -115,6 +115,26 @@ class DepthRamp:
         return self.start + self.slope * (block / (num_blocks - 1) if num_blocks > 1 else 0.0)
 
 
+@dataclass(frozen=True)
+class BlockFactors:
+    """One factor per block in depth order, for models whose blocks differ in kind (FLUX: dual-stream, then
+    single-stream blocks, each with its own depth ramp)."""
+
+    factors: tuple[float, ...]
+    """The factors; their count must equal the model's number of blocks."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.factors, tuple) or not self.factors:
+            raise _fail(BlockFactors, "factors", "a non-empty tuple of numbers >= 0", self.factors)
+        for i, value in enumerate(self.factors):
+            check_number(BlockFactors, f"factors[{i}]", value, 0.0)
+
+    def __call__(self, block: int, num_blocks: int) -> float:
+        if num_blocks != len(self.factors):
+            raise ValueError(f"BlockFactors has {len(self.factors)} factors but the model has {num_blocks} blocks")
+        return self.factors[block]
+
+
 class PresetMixin:
     """``Config.preset(name)`` and the listing behind ``tc.presets()``."""
 
@@ -145,8 +165,8 @@ class ToCaConfig(PresetMixin):
     """Base fraction of tokens recomputed on partial steps (R0), in [0, 1]."""
     step_ratio: StepRamp = field(default_factory=StepRamp)
     """Factor over sampling progress, S(i)."""
-    depth_ratio: DepthRamp = field(default_factory=DepthRamp)
-    """Factor over block depth, Λ(l)."""
+    depth_ratio: DepthRamp | BlockFactors = field(default_factory=DepthRamp)
+    """Factor over block depth, Λ(l): a linear ramp, or one factor per block."""
     module_ratio: Mapping[str, float] = field(default_factory=lambda: {"cross_attn": 1.0, "mlp": 1.0})
     """Factor per module type, M(m). A type with factor 0 (or absent) is never partial: it is reused whole
     on non-full steps. Keys: ``self_attn``, ``cross_attn``, ``mlp``."""
@@ -192,9 +212,11 @@ class ToCaConfig(PresetMixin):
     def __post_init__(self) -> None:
         cls = type(self)
         check_number(cls, "fresh_ratio", self.fresh_ratio, 0.0, 1.0)
-        for name, kind in (("step_ratio", StepRamp), ("depth_ratio", DepthRamp), ("interval_ramp", StepRamp)):
-            if not isinstance(getattr(self, name), kind):
-                raise _fail(cls, name, f"a {kind.__name__}", getattr(self, name))
+        for name, kinds in (("step_ratio", (StepRamp,)), ("depth_ratio", (DepthRamp, BlockFactors)),
+                            ("interval_ramp", (StepRamp,))):
+            if not isinstance(getattr(self, name), kinds):
+                names = " or ".join(f"a {k.__name__}" for k in kinds)
+                raise _fail(cls, name, names, getattr(self, name))
         if not isinstance(self.module_ratio, Mapping):
             raise _fail(cls, "module_ratio", f"a mapping with keys from {MODULE_KINDS}", self.module_ratio)
         for key, value in self.module_ratio.items():

@@ -15,27 +15,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flops import block_overhead_flops, output_width, slot_flops
+from .flops import block_overhead_flops, slot_flops
 from .forecast import TokenForecaster, forecast_flops
-from .layouts import BlockEntry, ModuleSlot
-from .schedule import CachePolicy, block_is_full, fresh_tokens
+from .layouts import BlockEntry, ModuleSlot, bound_arguments
+from .schedule import CachePolicy, block_is_full
 from .state import SlotKey, SlotState, StepContext, StepTracker, StreamState
 
 
-def token_table(policy: CachePolicy, blocks: list[BlockEntry], num_tokens: int) -> list[dict[SlotKey, int]]:
-    """Per step, the tokens each (block, module kind) computes: ``n`` in full blocks, ``k`` otherwise."""
+def ratio_table(policy: CachePolicy, blocks: list[BlockEntry]) -> list[dict[SlotKey, float]]:
+    """Per step, the fraction of its tokens each (block, module kind) recomputes: 1 in full blocks."""
     table = []
     for step in range(policy.num_steps):
-        row: dict[SlotKey, int] = {}
+        row: dict[SlotKey, float] = {}
         for block in blocks:
+            full = block_is_full(policy, step, block.index)
             for slot, _ in block.slots():
-                if block_is_full(policy, step, block.index):
-                    row[(block.index, slot.kind)] = num_tokens
-                else:
-                    row[(block.index, slot.kind)] = fresh_tokens(
-                        policy.fresh_ratio(step, block.index, slot.kind), num_tokens)
+                row[(block.index, slot.kind)] = 1.0 if full else policy.fresh_ratio(step, block.index, slot.kind)
         table.append(row)
     return table
+
+
+def slot_tokens(slot: ModuleSlot, num_tokens: int, context_tokens: int) -> int:
+    """Tokens a module sees: the image tokens, the text tokens, or both."""
+    return {"image": num_tokens, "text": context_tokens, "joint": num_tokens + context_tokens}[slot.tokens]
 
 
 class SectionTimer:
@@ -102,15 +104,15 @@ class CacheEngine:
         self.context: StepContext | None = None
         self.streams: list[StreamState] = []
         self.policy: CachePolicy | None = None
-        self.table: list[dict[SlotKey, int]] = []
+        self.table: list[dict[SlotKey, float]] = []
         self.record = RunRecord()
         self.last_record: RunRecord | None = None
         self.timer = SectionTimer()
         self._call_started = 0.0
         self._call_rows = 0
         self._flop_memo: dict[tuple, int] = {}
-        patch = transformer.config.get("patch_size", 1) if hasattr(transformer, "config") else 1
-        self.patch_size = int(patch or 1)
+        self._call_indices: dict[str, tuple[int, torch.Tensor]] = {}
+        """Rows each slot of the current block call recomputed, for later slots with ``index_from``."""
 
     # ---- runs -------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -135,17 +137,19 @@ class CacheEngine:
         self.policy = None  # the run is over: a second finish (sampling() exit) records nothing new
 
     # ---- transformer calls ------------------------------------------------------------------------
-    def begin_call(self, hidden_states: torch.Tensor, timestep: Any) -> StepContext:
+    def begin_call(self, hidden_states: torch.Tensor, timestep: Any, grid: tuple[int, ...],
+                   context_tokens: int = 0) -> StepContext:
         batch = hidden_states.shape[0]
-        grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
-        num_tokens = grid[0] * grid[1]
+        num_tokens = 1
+        for size in grid:
+            num_tokens *= size
         tracker = self.tracker
         if tracker.locate(timestep):
             self.finish_run()
             self.reset()
             self._check_run(num_tokens, grid)
             self.policy = self.config.build_policy(tracker.num_steps, len(self.blocks))
-            self.table = token_table(self.policy, self.blocks, num_tokens)
+            self.table = ratio_table(self.policy, self.blocks)
         step, call = tracker.step, tracker.call
         if call == len(self.streams):
             shared = bool(getattr(self.config, "cfg_shared_selection", False)) and batch % 2 == 0 and bool(
@@ -160,8 +164,10 @@ class CacheEngine:
         self.context = StepContext(step, self.policy.num_steps, full_blocks >= len(self.blocks), stream, grid,
                                    self.table[step], position, full_blocks)
         self._call_rows = 0
-        overhead = self._memo(("overhead", num_tokens, batch),
-                              lambda: sum(block_overhead_flops(b, num_tokens, batch) for b in self.blocks))
+        self._call_indices = {}
+        overhead = self._memo(("overhead", num_tokens, context_tokens, batch),
+                              lambda: sum(block_overhead_flops(b, num_tokens, batch, context_tokens)
+                                          for b in self.blocks))
         self.record.flops += overhead
         self.record.flops_full += overhead
         self.record.cfg_shared = self.streams[0].cfg_shared
@@ -171,15 +177,19 @@ class CacheEngine:
             self._call_started = time.perf_counter()
         return self.context
 
-    def _check_run(self, num_tokens: int, grid: tuple[int, int]) -> None:
+    def _check_run(self, num_tokens: int, grid: tuple[int, ...]) -> None:
         """Before the first step of a run: does the config fit this run's token count?"""
+        if getattr(self.config, "spatial_cell_size", None) is not None and len(grid) != 2:
+            raise ValueError(f"spatial_cell_size needs a 2-D grid of image tokens; this model's tokens form a "
+                             f"{len(grid)}-D grid {grid}: set spatial_cell_size=None")
         check = getattr(self.config, "validate_model", None)
         if check is None:
             return
         try:
             check(self.transformer, len(self.blocks), num_tokens)
         except ValueError as error:
-            raise ValueError(f"this sampling run has {num_tokens} tokens (a {grid[0]}x{grid[1]} grid), which the "
+            shape = "x".join(str(g) for g in grid)
+            raise ValueError(f"this sampling run has {num_tokens} tokens (a {shape} grid), which the "
                              f"config cannot cache: {error}. Sample at the calibrated resolution (with PixArt, "
                              "resolution binning can change it) or calibrate for this one") from None
 
@@ -212,7 +222,7 @@ class CacheEngine:
         return value
 
     def _account(self, block: BlockEntry, slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int,
-                 context_tokens: int, batch: int, full: bool = True) -> None:
+                 context_tokens: int, batch: int, full: bool = True, stored: tuple[torch.Tensor, ...] = ()) -> None:
         def cost(r: int) -> int:
             return self._memo((block.index, slot.name, r, num_tokens, context_tokens, batch),
                               lambda: slot_flops(slot, module, r, num_tokens, context_tokens, batch))
@@ -223,9 +233,9 @@ class CacheEngine:
         rec.tokens_computed[slot.kind] = rec.tokens_computed.get(slot.kind, 0) + rows * batch
         rec.tokens_total[slot.kind] = rec.tokens_total.get(slot.kind, 0) + num_tokens * batch
         self._call_rows += rows
-        if self.forecast is not None:
-            width = self._memo(("width", block.index, slot.name), lambda: output_width(module))
-            extra = forecast_flops(self.forecast, full, rows, num_tokens, width, batch)
+        if self.forecast is not None and slot.cached:
+            # per cached tensor: (B, n, D) elements forecast or updated
+            extra = sum(forecast_flops(self.forecast, full, rows, t.shape[1], t.shape[-1], batch) for t in stored)
             rec.flops += extra
             rec.forecast_flops += extra
 
@@ -242,43 +252,60 @@ class CacheEngine:
         return sink
 
     def run_module(self, block: BlockEntry, slot: ModuleSlot, module: nn.Module,
-                   original: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+                   original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         ctx = self.context
-        tokens = args[0] if args else kwargs["hidden_states"]
+        arguments = bound_arguments(module, args, kwargs)
+        tokens = arguments["hidden_states"]
         batch, num_tokens = tokens.shape[0], tokens.shape[1]
-        context = kwargs.get("encoder_hidden_states") if slot.kind == "cross_attn" else None
+        context = arguments.get("encoder_hidden_states")
         context_tokens = context.shape[1] if context is not None else 0
+        if slot.partial == "whole":
+            return self._run_whole(ctx, block, slot, module, original, args, kwargs, num_tokens, context_tokens)
         key = (block.index, slot.name)
         state = ctx.stream.slot(key)
-        rows = ctx.tokens[(block.index, slot.kind)]
-
         block_full = ctx.block_full(block.index)
-        if block_full or rows >= num_tokens or state.output is None:
-            if state.output is None and not block_full:
+        rows = num_tokens if block_full else ctx.rows(block.index, slot.kind, num_tokens)
+        if slot.index_from is not None and not block_full:
+            source_rows, source_index = self._call_indices.get(slot.index_from, (0, None))
+            if source_rows != rows:
+                raise RuntimeError(f"{block.name}.{slot.name} recomputes the rows of {slot.index_from}, which "
+                                   f"recomputed {source_rows} of them; this call needs {rows}")
+
+        if block_full or rows >= num_tokens or (slot.cached and state.output is None):
+            if state.output is None and slot.cached and not block_full:
                 raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
                                    "step of a run must be full")
             output = original(*args, **kwargs)
-            if self.forecaster is not None:
-                self.forecaster.update_all(state, output.detach(), ctx.position)
-            self._store_all(state, tokens, output)
-            self._account(block, slot, module, num_tokens, num_tokens, context_tokens, batch)
+            if slot.cached:
+                if self.forecaster is not None:
+                    self.forecaster.update_all(state, output.detach(), ctx.position)
+                self._store_all(state, tokens, output)
+            else:
+                self._store_inputs(state, tokens)
+            self._account(block, slot, module, num_tokens, num_tokens, context_tokens, batch, stored=(output,))
             return output
 
-        if state.output.shape[:2] != (batch, num_tokens):
+        if slot.cached and state.output.shape[:2] != (batch, num_tokens):
             raise RuntimeError(f"cache of {block.name}.{slot.name} holds shape {tuple(state.output.shape[:2])} "
                                f"but the call has ({batch}, {num_tokens})")
-        forecaster = self.forecaster
+        forecaster = self.forecaster if slot.cached else None
         # The expansion is taken before this step's fresh tokens update the cache: it is the stale tokens' value.
         result = forecaster.predict(state, ctx.position) if forecaster is not None else None
-        if rows > 0:
+        if rows > 0 or not slot.cached:
             timer, device = self.timer, tokens.device
-            with timer.section("select", device):
-                index = self.selector.select(ctx, block.index, state, tokens, rows)
+            if slot.index_from is not None:
+                index = self._call_indices[slot.index_from][1]
+            elif rows == 0:  # an uncached slot with nothing to recompute: its consumer reuses every row
+                index = torch.empty(batch, 0, dtype=torch.long, device=tokens.device)
+            else:
+                with timer.section("select", device):
+                    index = self.selector.select(ctx, block.index, state, tokens, rows)
+            self._call_indices[slot.name] = (rows, index)
             with timer.section("gather", device):
                 gather = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
                 fresh = tokens.gather(1, gather)
             if slot.partial == "queries":
-                if kwargs.get("encoder_hidden_states") is not None:
+                if context is not None:
                     raise RuntimeError(f"{block.name}.{slot.name} is a self-attention but received "
                                        "encoder_hidden_states")
                 kwargs = {**kwargs, "encoder_hidden_states": tokens}
@@ -286,26 +313,87 @@ class CacheEngine:
             fresh_out = original(*args, **kwargs)
             with timer.section("scatter", device):
                 out_index = index.unsqueeze(-1).expand(-1, -1, fresh_out.shape[-1])
+                if not slot.cached:
+                    # Only the fresh rows are read (by the slot that takes this one's index).
+                    empty = fresh_out.new_zeros(batch, num_tokens, fresh_out.shape[-1])
+                    self._mark_fresh(state, index, gather, fresh, batch, num_tokens, tokens.device)
+                    self._account(block, slot, module, rows, num_tokens, context_tokens, batch, full=False)
+                    return empty.scatter(1, out_index, fresh_out)
                 if forecaster is not None:
                     forecaster.update_rows(state, index, fresh_out.detach(), ctx.position)
                     result = result.scatter(1, out_index, fresh_out.to(result.dtype))
                 # Out of place: a tensor handed to the block (or a user's hook) is never modified afterwards.
                 state.output = state.output.scatter(1, out_index, fresh_out.to(state.output.dtype))
-                state.steps_since_fresh += 1
-                state.steps_since_fresh.scatter_(1, index, 0)
-                if state.last_input is not None:
-                    state.last_input.scatter_(1, gather, fresh.to(state.last_input.dtype))
+                self._mark_fresh(state, index, gather, fresh, batch, num_tokens, tokens.device)
         else:
             state.steps_since_fresh += 1
-        self._account(block, slot, module, rows, num_tokens, context_tokens, batch, full=False)
+        self._account(block, slot, module, rows, num_tokens, context_tokens, batch, full=False,
+                      stored=(state.output,))
         return result if result is not None else state.output.to(state.output_dtype)
 
-    def _store_all(self, state: SlotState, tokens: torch.Tensor, output: torch.Tensor) -> None:
+    def _run_whole(self, ctx: StepContext, block: BlockEntry, slot: ModuleSlot, module: nn.Module,
+                   original: Callable[..., Any], args: tuple, kwargs: dict, num_tokens: int,
+                   context_tokens: int) -> Any:
+        """A module computed on full steps of its block and reused (or forecast) whole on the others; its
+        output may be a tuple of tensors (a joint attention's image and text outputs), each cached."""
+        first = ctx.stream.slot((block.index, slot.name))
+        batch = ctx.stream.batch
+        if ctx.block_full(block.index):
+            output = original(*args, **kwargs)
+            tensors = output if isinstance(output, tuple) else (output,)
+            for i, tensor in enumerate(tensors):
+                state = first if i == 0 else ctx.stream.slot((block.index, f"{slot.name}[{i}]"))
+                if tensor is None:
+                    state.output = None
+                    continue
+                if self.forecaster is not None:
+                    self.forecaster.update_all(state, tensor.detach(), ctx.position)
+                self._store_all(state, None, tensor)
+            first.whole_parts = len(tensors) if isinstance(output, tuple) else 0
+            self._account(block, slot, module, num_tokens, num_tokens, context_tokens, batch,
+                          stored=tuple(t for t in tensors if t is not None))
+            return output
+        if first.output is None and not first.whole_parts:
+            raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
+                               "step of a run must be full")
+        count = first.whole_parts or 1
+        results = []
+        for i in range(count):
+            state = first if i == 0 else ctx.stream.slot((block.index, f"{slot.name}[{i}]"))
+            if state.output is None:
+                results.append(None)
+                continue
+            state.steps_since_fresh += 1
+            value = self.forecaster.predict(state, ctx.position) if self.forecaster is not None else None
+            results.append(value if value is not None else state.output.to(state.output_dtype))
+        self._account(block, slot, module, 0, num_tokens, context_tokens, batch, full=False,
+                      stored=tuple(r for r in results if r is not None))
+        return tuple(results) if first.whole_parts else results[0]
+
+    def _mark_fresh(self, state: SlotState, index: torch.Tensor, gather: torch.Tensor, fresh: torch.Tensor,
+                    batch: int, num_tokens: int, device: torch.device) -> None:
+        if state.steps_since_fresh is None or state.steps_since_fresh.shape != (batch, num_tokens):
+            state.steps_since_fresh = torch.zeros(batch, num_tokens, dtype=torch.int32, device=device)
+        state.steps_since_fresh += 1
+        state.steps_since_fresh.scatter_(1, index, 0)
+        if state.last_input is not None:
+            state.last_input.scatter_(1, gather, fresh.to(state.last_input.dtype))
+
+    def _store_inputs(self, state: SlotState, tokens: torch.Tensor) -> None:
+        """A full computation of an uncached slot: every token is fresh."""
+        if state.steps_since_fresh is None or state.steps_since_fresh.shape != tokens.shape[:2]:
+            state.steps_since_fresh = torch.zeros(tokens.shape[:2], dtype=torch.int32, device=tokens.device)
+        else:
+            state.steps_since_fresh.zero_()
+        if self.selector is not None and self.selector.keeps_inputs:
+            state.last_input = tokens.detach().to(self.cache_dtype or tokens.dtype).clone()
+
+    def _store_all(self, state: SlotState, tokens: torch.Tensor | None, output: torch.Tensor) -> None:
         state.output = output.detach().to(self.cache_dtype or output.dtype)
         state.output_dtype = output.dtype
         if state.steps_since_fresh is None or state.steps_since_fresh.shape != output.shape[:2]:
             state.steps_since_fresh = torch.zeros(output.shape[:2], dtype=torch.int32, device=output.device)
         else:
             state.steps_since_fresh.zero_()
-        if self.selector is not None and self.selector.keeps_inputs:
+        if tokens is not None and self.selector is not None and self.selector.keeps_inputs:
             state.last_input = tokens.detach().to(self.cache_dtype or tokens.dtype).clone()

@@ -83,6 +83,26 @@ def attention_flops(attn: nn.Module, query_rows: int, kv_rows: int, *,
     return flops
 
 
+def joint_attention_flops(attn: nn.Module, rows: int, num_tokens: int, context_tokens: int) -> int:
+    """One sample of an attention over image and text tokens together (FLUX, SD3; Wan's self-attention with
+    no text): the image projections on ``num_tokens`` rows, the text projections (``add_*_proj``,
+    ``to_add_out``) on ``context_tokens`` rows, QKᵀ, softmax and AV over all of them. Computed whole only."""
+    total = num_tokens + context_tokens
+    flops = 0
+    for name in ("to_q", "to_k", "to_v", "to_out"):
+        module = getattr(attn, name, None)
+        if module is not None:
+            flops += linear_flops(module, num_tokens)
+    for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+        module = getattr(attn, name, None)
+        if module is not None and context_tokens:
+            flops += linear_flops(module, context_tokens)
+    inner = attn.to_q.out_features
+    flops += 2 * 2 * total * total * inner
+    flops += SOFTMAX_FLOPS_PER_ELEMENT * attn.heads * total * total
+    return flops
+
+
 def mlp_flops(mlp: nn.Module, rows: int, *, convention: FlopConvention = ENGINE_COUNTER) -> int:
     """One sample of a feed-forward: its linears, and its hidden activation where the convention counts it."""
     linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
@@ -92,12 +112,15 @@ def mlp_flops(mlp: nn.Module, rows: int, *, convention: FlopConvention = ENGINE_
 
 def slot_flops(slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int, context_tokens: int,
                batch: int, *, convention: FlopConvention = ENGINE_COUNTER) -> int:
-    """FLOPs of one call of a cacheable module that recomputes ``rows`` of ``num_tokens`` image tokens.
+    """FLOPs of one call of a cacheable module that recomputes ``rows`` of the ``num_tokens`` it sees.
 
-    ``context_tokens`` is the key/value length of a cross-attention (text tokens).
+    ``context_tokens`` is the length of the text passed to it (a cross-attention's keys and values, a joint
+    attention's text stream), 0 if none.
     """
     if rows == 0:
         return 0
+    if slot.flops is not None:
+        return batch * slot.flops(module, rows, num_tokens, context_tokens)
     if slot.kind == "self_attn":
         return batch * attention_flops(module, rows, num_tokens, convention=convention)
     if slot.kind == "cross_attn":
@@ -105,17 +128,20 @@ def slot_flops(slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int, 
     return batch * mlp_flops(module, rows, convention=convention)
 
 
-def block_overhead_flops(block: BlockEntry, num_tokens: int, batch: int, *,
+def block_overhead_flops(block: BlockEntry, num_tokens: int, batch: int, context_tokens: int = 0, *,
                          convention: FlopConvention = ENGINE_COUNTER) -> int:
-    """FLOPs a block spends every step outside its cacheable modules: LayerNorms on all tokens and the
-    adaLN modulation projection (one row per sample)."""
+    """FLOPs a block spends every step outside its cacheable modules: LayerNorms on the tokens they see and
+    the adaLN modulation projections (one row per sample)."""
+    own_tokens = num_tokens + context_tokens if block.layout.tokens == "joint" else num_tokens
+    text = block.layout.text_prefixes
     flops = 0
-    for _, module in block.overhead_modules():
+    for name, module in block.overhead_modules():
         if isinstance(module, nn.LayerNorm):
             width = 1
             for d in module.normalized_shape:
                 width *= d
-            flops += convention.layernorm * num_tokens * width
+            on_text = any(name == p or name.startswith(p + ".") for p in text)
+            flops += convention.layernorm * (context_tokens if on_text else own_tokens) * width
         else:
             flops += (convention.modulation_mac * module.in_features * module.out_features
                       + convention.modulation_activation * module.in_features)

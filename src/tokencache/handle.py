@@ -21,7 +21,7 @@ from .hooks import (
     is_applied,
     resolve_target,
 )
-from .layouts import find_blocks
+from .layouts import check_config_fits, find_blocks
 from .plan import default_num_tokens
 from .processors import ScoringAttnProcessor, unsupported_reason
 from .small_linear import DEFAULT_SMALL_BATCH_LINEAR, SmallBatchLinearConfig, install_small_batch_linear
@@ -193,6 +193,7 @@ def apply(target: Any, config: Any,
                            "call handle.remove() first, or handle.attach(pipeline) to share it with another "
                            "pipeline")
     blocks = find_blocks(transformer)
+    check_config_fits(config, blocks)
     if hasattr(config, "validate_model"):
         try:
             num_tokens = default_num_tokens(transformer)

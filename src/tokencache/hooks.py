@@ -11,7 +11,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from .engine import CacheEngine
-from .layouts import BlockEntry, ModuleSlot
+from .layouts import BlockEntry, ModuleSlot, model_layout
 
 TRANSFORMER_HOOK = "tokencache_transformer"
 MODULE_HOOK = "tokencache_module"
@@ -29,6 +29,7 @@ class TransformerHook(ModelHook):
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         self._signature = inspect.signature(type(module).forward)
+        self.model = model_layout(module)
         return module
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -47,7 +48,10 @@ class TransformerHook(ModelHook):
         hidden_states = bound.get("hidden_states")
         if hidden_states is None:
             raise RuntimeError("tokencache needs the transformer's `hidden_states` argument")
-        self.engine.begin_call(hidden_states, bound.get("timestep"))
+        grid = self.model.token_grid(module, bound)
+        context = bound.get("encoder_hidden_states")
+        context_tokens = context.shape[1] if torch.is_tensor(context) and context.dim() == 3 else 0
+        self.engine.begin_call(hidden_states, bound.get("timestep"), grid, context_tokens)
 
     @torch.compiler.disable
     def _end(self) -> None:

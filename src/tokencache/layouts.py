@@ -6,6 +6,7 @@ the planner and the FLOP counter read only this description, never a hand-copied
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -15,7 +16,11 @@ from torch import nn
 ModuleKind = Literal["self_attn", "cross_attn", "mlp"]
 MODULE_KINDS: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
 
-PartialMode = Literal["rows", "queries"]
+PartialMode = Literal["rows", "queries", "whole"]
+TokenSet = Literal["image", "text", "joint"]
+
+# (module, rows recomputed, tokens the module sees, text tokens passed to it) -> FLOPs of one sample
+FlopRule = Callable[[nn.Module, int, int, int], int]
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,24 @@ class ModuleSlot:
     partial: PartialMode
     """How the module runs on a subset of tokens. ``"rows"``: position-wise, output row ``j`` depends
     only on input row ``j`` (MLP, cross-attention with image-token queries). ``"queries"``: self-attention,
-    which mixes tokens; fresh tokens are recomputed as queries against keys and values of all tokens."""
+    which mixes tokens; fresh tokens are recomputed as queries against keys and values of all tokens.
+    ``"whole"``: never partial (a joint attention over text and image tokens, an attention with rotary
+    embeddings); computed on full steps of its block and reused (or forecast) whole on the others."""
+    tokens: TokenSet = "image"
+    """Which tokens the module's rows are: the image tokens, the text tokens (the text stream of a
+    dual-stream block), or text then image tokens concatenated (a single-stream block)."""
+    index_from: str | None = None
+    """Recompute the rows that the named earlier slot of the block recomputed in this call (modules in
+    series on the same rows, like a single-stream block's MLP input and its output projection)."""
+    cached: bool = True
+    """``False`` for a module whose output only feeds a later slot with ``index_from`` naming it: on partial
+    steps its fresh rows are computed and the others are left zero (never read), and nothing is cached."""
+    text_output: bool = False
+    """The module also returns the text stream's output (a joint attention): cached whole with the image
+    output."""
+    flops: FlopRule | None = None
+    """FLOPs of one sample, for modules the default rules (diffusers ``Attention``, linear layers) do not
+    describe."""
 
 
 @dataclass(frozen=True)
@@ -46,18 +68,90 @@ class BlockLayout:
     embedder_prefixes: tuple[str, ...] = ()
     """Submodules of the block that embed the timestep or class; excluded from FLOP counts, as in the
     papers' counting convention."""
+    tokens: TokenSet = "image"
+    """The tokens the block's own norms run on (``joint`` for a single-stream block)."""
+    text_prefixes: tuple[str, ...] = ()
+    """Submodules outside the slots that run on the text tokens (a dual-stream block's context norms)."""
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the engine needs to know of a transformer class beyond its blocks."""
+
+    class_name: str
+    token_grid: Callable[[nn.Module, dict], tuple[int, ...]]
+    """The grid of image tokens of one call, from the model and its bound forward arguments."""
+    context_tokens: int = 120
+    """Text tokens of a typical call, the default of ``tc.plan`` (PixArt-alpha pads captions to 120)."""
+    num_tokens: int | None = None
+    """Image tokens of a typical call, the default of ``tc.plan`` when the model's config has no
+    ``sample_size`` to derive it from."""
 
 
 _LAYOUTS: dict[str, BlockLayout] = {}
+_MODELS: dict[str, ModelLayout] = {}
+
+
+def register_model(layout: ModelLayout) -> None:
+    """Add (or replace) how a transformer class lays out its tokens."""
+    _MODELS[layout.class_name] = layout
+
+
+def model_layout(transformer: nn.Module) -> ModelLayout:
+    return _MODELS.get(type(transformer).__name__, DEFAULT_MODEL)
+
+
+def patch_grid(transformer: nn.Module, arguments: dict) -> tuple[int, ...]:
+    """Image latents (B, C, H, W) or video latents (B, C, F, H, W), patchified by ``config.patch_size``."""
+    hidden_states = arguments["hidden_states"]
+    config = getattr(transformer, "config", None)
+    patch = config.get("patch_size", 1) if config is not None and hasattr(config, "get") else 1
+    spatial = hidden_states.shape[2:]
+    if hidden_states.dim() not in (4, 5):
+        raise RuntimeError(f"{type(transformer).__name__}: expected hidden_states of shape (B, C, H, W) or "
+                           f"(B, C, F, H, W), got {tuple(hidden_states.shape)}")
+    patches = tuple(patch) if isinstance(patch, (tuple, list)) else (1,) * (len(spatial) - 2) + (patch, patch)
+    patches = tuple(int(p or 1) for p in patches[-len(spatial):])
+    return tuple(size // p for size, p in zip(spatial, patches, strict=True))
+
+
+DEFAULT_MODEL = ModelLayout("", patch_grid)
 
 
 def register_layout(layout: BlockLayout) -> None:
     """Add (or replace) the layout for a block class."""
+    names = [slot.name for slot in layout.slots]
+    for i, slot in enumerate(layout.slots):
+        if slot.index_from is not None and slot.index_from not in names[:i]:
+            raise ValueError(f"{layout.block_class_name}.{slot.name}: index_from={slot.index_from!r} must name an "
+                             f"earlier slot of the block ({names[:i]})")
+        if not slot.cached and slot.name not in [s.index_from for s in layout.slots]:
+            raise ValueError(f"{layout.block_class_name}.{slot.name}: an uncached slot must feed a later slot "
+                             "whose index_from names it")
+        if slot.partial == "whole" and (slot.index_from is not None or not slot.cached):
+            raise ValueError(f"{layout.block_class_name}.{slot.name}: a whole slot is cached and selects no rows")
     _LAYOUTS[layout.block_class_name] = layout
 
 
 def supported_block_classes() -> tuple[str, ...]:
     return tuple(sorted(_LAYOUTS))
+
+
+_SIGNATURES: dict[type, tuple[inspect.Signature, str]] = {}
+
+
+def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A module call's arguments by name; its first argument (the tokens) is also under ``hidden_states``
+    (an ``nn.Linear`` calls it ``input``)."""
+    cls = type(module)
+    entry = _SIGNATURES.get(cls)
+    if entry is None:
+        signature = inspect.signature(cls.forward)
+        entry = _SIGNATURES[cls] = (signature, list(signature.parameters)[1])
+    signature, first = entry
+    arguments = signature.bind_partial(module, *args, **kwargs).arguments
+    arguments["hidden_states"] = arguments.get(first)
+    return arguments
 
 
 def layout_for(block: nn.Module) -> BlockLayout | None:
@@ -100,6 +194,25 @@ def register_unsupported_model(class_name: str, reason: str) -> None:
     _UNSUPPORTED_MODELS[class_name] = reason
 
 
+def check_config_fits(config: object, blocks: list[BlockEntry]) -> None:
+    """Before any work: per-block factors must match the blocks, and a config that recomputes some tokens of
+    a module type must not meet a module the layout reuses whole."""
+    factors = getattr(getattr(config, "depth_ratio", None), "factors", None)
+    if factors is not None and len(factors) != len(blocks):
+        raise ValueError(f"{type(config).__name__}.depth_ratio has {len(factors)} per-block factors but "
+                         f"the model has {len(blocks)} blocks")
+    partial = getattr(config, "partial_modules", ())
+    for block in blocks:
+        for slot, _ in block.slots():
+            if slot.partial == "whole" and slot.kind in partial:
+                field = "module_ratio" if hasattr(config, "module_ratio") else "partial_modules"
+                raise ValueError(
+                    f"{type(config).__name__}.{field} makes {slot.kind} modules partial, but "
+                    f"{type(block.module).__name__}.{slot.name} ({block.name}) is computed whole or reused whole "
+                    f"(it mixes tokens in a way fresh-token recomputation does not reproduce: joint text-image "
+                    f"attention or rotary embeddings). Give {slot.kind} a ratio of 0 (leave it out of {field})")
+
+
 def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
     """Return the cacheable blocks of ``transformer`` in depth order.
 
@@ -140,41 +253,3 @@ def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
             f"Supported: {', '.join(supported_block_classes())}. Register a BlockLayout to add one."
         )
     return entries
-
-
-def _check_basic_block(block: nn.Module) -> str | None:
-    if block.norm_type not in ("ada_norm_zero", "ada_norm_single", "layer_norm"):
-        return f"norm_type {block.norm_type!r} is not supported (ada_norm_zero, ada_norm_single, layer_norm)"
-    if block.only_cross_attention:
-        return "only_cross_attention=True makes attn1 a cross-attention"
-    if block.attn2 is not None and block.attn2.is_cross_attention is False:
-        return "double_self_attention=True makes attn2 a second self-attention"
-    if getattr(block, "_chunk_size", None) is not None:
-        return "chunked feed-forward (set_chunk_feed_forward) calls ff once per chunk; disable it"
-    if getattr(block, "pos_embed", None) is not None:
-        return "per-block positional embeddings are not supported"
-    if hasattr(block, "fuser"):
-        return "GLIGEN gated attention is not supported"
-    return None
-
-
-# diffusers' BasicTransformerBlock: DiT (ada_norm_zero) and PixArt-alpha/Sigma (ada_norm_single).
-register_layout(
-    BlockLayout(
-        block_class_name="BasicTransformerBlock",
-        slots=(
-            ModuleSlot("attn1", "self_attn", "queries"),
-            ModuleSlot("attn2", "cross_attn", "rows"),
-            ModuleSlot("ff", "mlp", "rows"),
-        ),
-        check=_check_basic_block,
-        embedder_prefixes=("norm1.emb",),
-    )
-)
-
-register_unsupported_model(
-    "LatteTransformer3DModel",
-    "its temporal blocks are BasicTransformerBlocks over the frames of each position, not over image tokens, "
-    "and the cache does not yet keep token selection consistent between the two layouts",
-)
-register_unsupported_model("UNet2DConditionModel", "tokencache caches diffusion transformers, not UNets")

@@ -9,18 +9,18 @@ from typing import Any
 
 from torch import nn
 
-from .engine import token_table
+from .engine import ratio_table, slot_tokens
 from .flops import Counting, FlopConvention, block_overhead_flops, flop_convention, output_width, slot_flops
 from .forecast import forecast_flops
-from .layouts import find_blocks
-from .schedule import block_is_full
-
-# PixArt-alpha pads captions to 120 T5 tokens (PixArt-Sigma: 300).
-DEFAULT_CONTEXT_TOKENS = 120
+from .layouts import check_config_fits, find_blocks, model_layout
+from .schedule import fresh_tokens
 
 
 def default_num_tokens(transformer: nn.Module) -> int:
     """Image tokens of one sample, from the transformer's ``config.sample_size`` and ``patch_size``."""
+    typical = model_layout(transformer).num_tokens
+    if typical is not None:
+        return typical
     cfg = getattr(transformer, "config", None)
     if cfg is None or not hasattr(cfg, "get"):
         raise ValueError(f"num_tokens is missing: {type(transformer).__name__} has no diffusers config to read "
@@ -92,25 +92,29 @@ class Plan:
 
 
 def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 2, num_tokens: int | None = None,
-         context_tokens: int = DEFAULT_CONTEXT_TOKENS, counting: Counting | FlopConvention = "engine") -> Plan:
+         context_tokens: int | None = None, counting: Counting | FlopConvention = "engine") -> Plan:
     """Plan ``config`` on ``transformer`` for ``num_steps`` steps and a transformer batch of ``batch_size``.
 
     The default 2 is one image with classifier-free guidance, the batch the DiT and PixArt pipelines pass the
-    transformer; give 1 for an unguided sample. ``num_tokens`` (image tokens per sample) defaults to the one
-    the model's ``sample_size`` gives. ``counting="engine"`` counts FLOPs as a real run's statistics do;
-    ``"toca"`` as the official DiT-ToCa code's counter, the one behind the ToCa paper's DiT figures (same
-    schedule, other per-element costs: see :data:`tokencache.flops.TOCA_COUNTER`)."""
+    transformer; give 1 for an unguided sample (FLUX-dev: guidance is an embedding). ``num_tokens`` (image
+    tokens per sample) defaults to the one the model's ``sample_size`` gives; ``context_tokens`` (text tokens)
+    to the model family's usual caption length (PixArt-alpha 120, FLUX 512). ``counting="engine"`` counts FLOPs
+    as a real run's statistics do; ``"toca"`` as the official DiT-ToCa code's counter, the one behind the ToCa
+    paper's DiT figures (same schedule, other per-element costs: see :data:`tokencache.flops.TOCA_COUNTER`)."""
     _check_count("num_steps", num_steps, 1)
     _check_count("batch_size", batch_size, 1)
     if num_tokens is not None:
         _check_count("num_tokens", num_tokens, 1)
+    if context_tokens is None:
+        context_tokens = model_layout(transformer).context_tokens
     _check_count("context_tokens", context_tokens, 0)
     convention = flop_convention(counting)
     blocks = find_blocks(transformer)
+    check_config_fits(config, blocks)
     n = num_tokens if num_tokens is not None else default_num_tokens(transformer)
     policy = config.build_policy(num_steps, len(blocks))
-    table = token_table(policy, blocks, n)
-    overhead = sum(block_overhead_flops(b, n, batch_size, convention=convention) for b in blocks)
+    table = ratio_table(policy, blocks)
+    overhead = sum(block_overhead_flops(b, n, batch_size, context_tokens, convention=convention) for b in blocks)
     forecast = getattr(config, "forecast", None)
     flops = flops_full = extra_flops = 0
     kinds, fractions, step_flops = [], [], []
@@ -121,14 +125,20 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
         for block in blocks:
             largest = 0.0
             for slot, module in block.slots():
-                rows = table[step][(block.index, slot.kind)]
+                seen = slot_tokens(slot, n, context_tokens)
+                ratio = table[step][(block.index, slot.kind)]
+                whole = slot.partial == "whole"
+                rows = seen if ratio >= 1.0 else (0 if whole else fresh_tokens(ratio, seen))
                 computed += rows
-                largest = max(largest, rows / n)
-                flops += slot_flops(slot, module, rows, n, context_tokens, batch_size, convention=convention)
-                flops_full += slot_flops(slot, module, n, n, context_tokens, batch_size, convention=convention)
-                if forecast is not None:
-                    full = block_is_full(policy, step, block.index) or rows >= n
-                    extra = forecast_flops(forecast, full, rows, n, output_width(module), batch_size)
+                largest = max(largest, rows / seen if seen else 0.0)
+                # text passed to the module beside its own tokens (a cross- or joint attention's)
+                text = context_tokens if slot.kind == "cross_attn" or slot.text_output else 0
+                flops += slot_flops(slot, module, rows, seen, text, batch_size, convention=convention)
+                flops_full += slot_flops(slot, module, seen, seen, text, batch_size, convention=convention)
+                if forecast is not None and slot.cached:
+                    full = rows >= seen
+                    extra = sum(forecast_flops(forecast, full, rows, tokens, output_width(module), batch_size)
+                                for tokens in _cached_tokens(slot, seen, n, context_tokens))
                     flops += extra
                     extra_flops += extra
             row.append(largest)
@@ -141,3 +151,11 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     method = type(config).__name__.removesuffix("Config")
     return Plan(method, num_steps, len(blocks), n, batch_size, tuple(kinds), tuple(fractions), flops, flops_full,
                 tuple(step_flops), extra_flops, convention.name)
+
+
+def _cached_tokens(slot: Any, seen: int, num_tokens: int, context_tokens: int) -> tuple[int, ...]:
+    """Token counts of the tensors a slot caches: a joint attention cached whole keeps its image and its text
+    output."""
+    if slot.text_output:
+        return (num_tokens, context_tokens)
+    return (seen,)

@@ -8,22 +8,19 @@ from typing import Any
 import torch
 from torch import nn
 
-_DIT_XL_2: dict[str, Any] = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-                                 num_layers=28, sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {}
+"""Published model sizes by name: (diffusers class name, constructor arguments). Each model family's module
+in :mod:`tokencache.models` registers its own."""
+
+PLAN_DEFAULTS: dict[str, dict[str, int]] = {}
+"""Per published size, the token counts ``tc.plan`` uses unless given: ``num_tokens`` (image tokens of one
+sample at the published resolution) and ``context_tokens`` (text tokens)."""
 
 
-def _pixart(sample_size: int) -> dict[str, Any]:
-    return dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                sample_size=sample_size, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
-                use_additional_conditions=sample_size == 128)
-
-
-MODEL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "dit-xl-2": ("DiTTransformer2DModel", _DIT_XL_2),
-    "pixart-alpha-256": ("PixArtTransformer2DModel", _pixart(32)),
-    "pixart-alpha-512": ("PixArtTransformer2DModel", _pixart(64)),
-    "pixart-alpha-1024": ("PixArtTransformer2DModel", _pixart(128)),
-}
+def register_shape(name: str, class_name: str, kwargs: dict[str, Any], **plan_defaults: int) -> None:
+    MODEL_SHAPES[name] = (class_name, kwargs)
+    if plan_defaults:
+        PLAN_DEFAULTS[name] = plan_defaults
 
 
 def build_transformer(name_or_path: str, device: str | torch.device = "meta",

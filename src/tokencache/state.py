@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .schedule import fresh_tokens
+
 SlotKey = tuple[int, str]  # (block index, slot name)
 
 
@@ -35,6 +37,9 @@ class SlotState:
     last full step): those positions and that history, for the scalar fast path."""
     history: torch.Tensor | None = None
     """With forecasting: computations of each token so far, capped at m + 1 (which orders are known)."""
+    whole_parts: int = 0
+    """For a module cached whole whose output is a tuple: its length (the other parts are cached under
+    ``name[i]``); 0 for a single tensor."""
 
     def nbytes(self) -> int:
         tensors = [self.output, self.steps_since_fresh, self.last_input, self.positions, self.history,
@@ -76,9 +81,10 @@ class StepContext:
     is_full: bool
     """Whether every block is full at this step."""
     stream: StreamState
-    grid: tuple[int, int]
-    tokens: dict[tuple[int, str], int]
-    """Fresh tokens per (block, module kind) at this step (``n`` in full blocks)."""
+    grid: tuple[int, ...]
+    """The grid of image tokens (height, width; frames, height, width for video)."""
+    ratios: dict[tuple[int, str], float]
+    """Fraction of tokens each (block, module kind) recomputes at this step (1 in full blocks)."""
     position: float = 0.0
     """Where this call lies on the forecasting axis: the model evaluation's index, or its timestep."""
     full_blocks: int | None = None
@@ -87,6 +93,10 @@ class StepContext:
 
     def block_full(self, block: int) -> bool:
         return self.is_full if self.full_blocks is None else block < self.full_blocks
+
+    def rows(self, block: int, kind: str, num_tokens: int) -> int:
+        """Tokens a module of ``kind`` in ``block`` recomputes at this step, of the ``num_tokens`` it sees."""
+        return fresh_tokens(self.ratios[(block, kind)], num_tokens)
 
 
 @dataclass(frozen=True)
