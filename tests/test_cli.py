@@ -27,6 +27,15 @@ def test_plan_command_pixart_and_local_checkpoint(tmp_path, capsys):
     assert "1024 tokens" in capsys.readouterr().out
 
 
+def test_plan_command_flux_uses_its_published_token_counts(capsys):
+    assert main(["plan", "--preset", "flux-dev-toca5", "--model", "flux-dev", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "50 steps x 57 blocks, 4096 tokens, batch 1" in out
+    assert "FLOPs: 1065.248 T of 3725.953 T uncached -> 3.50x" in out
+    assert main(["plan", "--preset", "flux-dev-toca5", "--model", "flux-schnell", "--batch", "1", "--steps", "4"]) == 0
+    assert "4 steps x 57 blocks, 4096 tokens" in capsys.readouterr().out
+
+
 def test_plan_command_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--preset", "dit-ddim50", "--model", "no-such-model"])
