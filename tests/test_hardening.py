@@ -283,8 +283,10 @@ def test_latte_is_rejected_before_any_work():
     latte = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                     num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=16,
                                     caption_channels=12, video_length=2)
-    with pytest.raises(TypeError, match="LatteTransformer3DModel is not supported"):
+    # Latte's spatial and temporal blocks share one token selection per step: no per-block attention-map score
+    with pytest.raises(ValueError, match=r"score 'attention' is not supported on this model.*'random', 'similarity'"):
         tc.apply(latte, tc.ToCaConfig.preset("dit-ddim50"))
+    assert not getattr(latte, "_diffusers_hook", None) or not latte._diffusers_hook.hooks
 
 
 # ---- the official DiT-ToCa full-step placement -----------------------------------------------------------------

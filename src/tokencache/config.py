@@ -18,7 +18,7 @@ from .layouts import MODULE_KINDS
 
 ScoreName = Literal["attention", "cross_attention_entropy", "value_norm", "similarity", "random"]
 SCORES: tuple[str, ...] = ("attention", "cross_attention_entropy", "value_norm", "similarity", "random")
-FULL_STEP_PLACEMENTS: tuple[str, ...] = ("relative", "official")
+FULL_STEP_PLACEMENTS: tuple[str, ...] = ("relative", "official", "periodic")
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -180,11 +180,18 @@ class ToCaConfig(PresetMixin):
     """Full-step interval inside ``sensitive_window``."""
     first_full_steps: int = 1
     """Number of leading steps that are always full."""
-    full_step_placement: Literal["relative", "official"] = "relative"
+    full_step_placement: Literal["relative", "official", "periodic"] = "relative"
     """Where full steps fall. ``relative``: each full step schedules the next one an interval later, decided
     once per step. ``official``: as the official DiT-ToCa code, a step is full when its count-down index
     ``T - 1 - i`` is a multiple of the current interval (the last step is always full), and a full first block
-    re-decides the interval for the rest of its step, which makes a few steps full in block 0 only."""
+    re-decides the interval for the rest of its step, which makes a few steps full in block 0 only.
+    ``periodic``: as the official OpenSora ToCa code, step ``i`` is full when it is one of the leading
+    ``first_full_steps`` or a multiple of the interval."""
+    module_intervals: Mapping[str, int] = field(default_factory=dict)
+    """Per module type, its own interval between full computations, in place of ``full_step_interval`` (same
+    placement and leading full steps): the official OpenSora setting refreshes cross-attention every 6 steps
+    and the rest every 3. A step is full when every module type is; on the others a module whose type is due
+    is computed on every token, the rest are partial or reused. Keys: ``self_attn``, ``cross_attn``, ``mlp``."""
     score: ScoreName = "attention"
     """Token importance: ``attention`` (attention received, from the last full step), ``cross_attention_entropy``,
     ``value_norm``, ``similarity`` (change of the module input since the token was last computed), ``random``."""
@@ -238,6 +245,14 @@ class ToCaConfig(PresetMixin):
                 raise _fail(cls, "sensitive_window", "None or a tuple (a, b) with 0 <= a < b <= 1", window)
         check_number(cls, "sensitive_interval", self.sensitive_interval, 1, integer=True)
         check_number(cls, "first_full_steps", self.first_full_steps, 1, integer=True)
+        allowed = f"a mapping from keys of {MODULE_KINDS} to integers >= 1"
+        if not isinstance(self.module_intervals, Mapping):
+            raise _fail(cls, "module_intervals", allowed, self.module_intervals)
+        for key, value in self.module_intervals.items():
+            if key not in MODULE_KINDS:
+                raise _fail(cls, "module_intervals", allowed, dict(self.module_intervals))
+            check_number(cls, f"module_intervals[{key!r}]", value, 1, integer=True)
+        object.__setattr__(self, "module_intervals", MappingProxyType(dict(self.module_intervals)))
         if self.full_step_placement not in FULL_STEP_PLACEMENTS:
             raise _fail(cls, "full_step_placement", f"one of {FULL_STEP_PLACEMENTS}", self.full_step_placement)
         if self.score not in SCORES:

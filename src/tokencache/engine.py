@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flops import block_overhead_flops, slot_flops
+from .flops import ENGINE_COUNTER, FlopConvention, block_overhead_flops, output_width, slot_flops
 from .forecast import TokenForecaster, forecast_flops
-from .layouts import BlockEntry, ModuleSlot, bound_arguments
-from .schedule import CachePolicy, block_is_full
-from .state import SlotKey, SlotState, StepContext, StepTracker, StreamState
+from .layouts import BlockEntry, ModuleSlot, bound_arguments, canonical_tokens, flat_rows, group_shape
+from .schedule import CachePolicy, block_is_full, fresh_tokens
+from .state import SharedSelection, SlotKey, SlotState, StepContext, StepTracker, StreamState
 
 
 def ratio_table(policy: CachePolicy, blocks: list[BlockEntry]) -> list[dict[SlotKey, float]]:
@@ -38,6 +38,65 @@ def ratio_table(policy: CachePolicy, blocks: list[BlockEntry]) -> list[dict[Slot
 def slot_tokens(slot: ModuleSlot, num_tokens: int, context_tokens: int) -> int:
     """Tokens a module sees: the image tokens, the text tokens, or both."""
     return {"image": num_tokens, "text": context_tokens, "joint": num_tokens + context_tokens}[slot.tokens]
+
+
+@dataclass(frozen=True)
+class SlotWork:
+    """One cacheable module's work at one step, counted as the engine does it (what ``tc.plan`` adds up)."""
+
+    rows: int
+    """Tokens recomputed per sample."""
+    tokens: int
+    """Tokens the module sees per sample."""
+    flops: int
+    flops_full: int
+    """FLOPs of computing it on every token."""
+    forecast_flops: int
+    """Element-wise work of forecasting its stale tokens (not in ``flops``)."""
+
+
+def slot_work(block: BlockEntry, slot: ModuleSlot, module: nn.Module, ratio: float, num_tokens: int,
+              grid: tuple[int, ...], context_tokens: int, batch: int, *,
+              convention: FlopConvention = ENGINE_COUNTER, forecast: Any = None) -> SlotWork:
+    """The work of ``slot`` recomputing ``ratio`` of its tokens for ``batch`` samples of ``num_tokens`` image tokens
+    (a ``grid``) and ``context_tokens`` text tokens. A video block's module computed on every token runs on its
+    own rows (frames or positions, see :attr:`ModuleSlot.groups`); its fresh tokens run as one row per sample."""
+    seen = slot_tokens(slot, num_tokens, context_tokens)
+    text = context_tokens if slot.kind == "cross_attn" or slot.text_output else 0
+    per_sample, per_row = group_shape(block.groups(slot), grid) if block.shared_selection else (1, seen)
+    flops_full = slot_flops(slot, module, per_row, per_row, text, batch * per_sample, convention=convention)
+    rows = seen if ratio >= 1.0 else (0 if slot.partial == "whole" else fresh_tokens(ratio, seen))
+    flops = flops_full if rows >= seen else slot_flops(slot, module, rows, seen, text, batch, convention=convention)
+    extra = 0
+    if forecast is not None and slot.cached:
+        cached = (num_tokens, context_tokens) if slot.text_output else (seen,)
+        width = output_width(module)
+        extra = sum(forecast_flops(forecast, rows >= seen, rows, tokens, width, batch) for tokens in cached)
+    return SlotWork(rows, seen, flops, flops_full, extra)
+
+
+def _context_tokens(slot: ModuleSlot, arguments: dict) -> int:
+    if slot.context is not None:
+        return slot.context(arguments)
+    context = arguments.get("encoder_hidden_states")
+    return context.shape[1] if context is not None else 0
+
+
+def _fresh_call(args: tuple, kwargs: dict, fresh: torch.Tensor, rows_batch: int,
+                per_sample: int) -> tuple[tuple, dict]:
+    """The module's arguments with the fresh tokens in place of its tokens; with one fresh row per sample for a
+    module whose batch has ``per_sample`` rows per sample, its other per-row tensors keep each sample's first."""
+    args, kwargs = ((fresh, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": fresh})
+    if per_sample == 1:
+        return args, kwargs
+
+    def first_of_sample(value: Any) -> Any:
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows_batch and value is not fresh:
+            return value[::per_sample]
+        return value
+
+    return (tuple(first_of_sample(a) for a in args),
+            {name: first_of_sample(value) for name, value in kwargs.items()})
 
 
 class SectionTimer:
@@ -113,6 +172,9 @@ class CacheEngine:
         self._flop_memo: dict[tuple, int] = {}
         self._call_indices: dict[str, tuple[int, torch.Tensor]] = {}
         """Rows each slot of the current block call recomputed, for later slots with ``index_from``."""
+        self.shared_selection = bool(blocks) and blocks[0].shared_selection
+        """Fresh tokens are chosen once per call for every block (video models, see ``ModelLayout``)."""
+        self._step_selection: dict[tuple[int, int], tuple[int, bool]] = {}
 
     # ---- runs -------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -123,6 +185,7 @@ class CacheEngine:
         self.table = []
         self.record = RunRecord()
         self.timer.seconds = self.record.seconds
+        self._step_selection = {}
         if self.selector is not None:
             self.selector.reset(None)
 
@@ -165,6 +228,8 @@ class CacheEngine:
                                    self.table[step], position, full_blocks)
         self._call_rows = 0
         self._call_indices = {}
+        if self.shared_selection and self.selector is not None:
+            self._begin_shared(self.context, hidden_states.device)
         overhead = self._memo(("overhead", num_tokens, context_tokens, batch),
                               lambda: sum(block_overhead_flops(b, num_tokens, batch, context_tokens)
                                           for b in self.blocks))
@@ -176,6 +241,55 @@ class CacheEngine:
                 torch.cuda.synchronize(hidden_states.device)
             self._call_started = time.perf_counter()
         return self.context
+
+    def _selection_plan(self, ctx: StepContext) -> tuple[int, bool]:
+        """(most tokens any token-wise module recomputes at this step, whether one is computed on every token)."""
+        count = ctx.stream.num_tokens
+        key = (ctx.step, count)
+        found = self._step_selection.get(key)
+        if found is None:
+            most, full = 0, False
+            for block in self.blocks:
+                for slot, _ in block.slots():
+                    if slot.partial != "rows" or slot.index_from is not None:
+                        continue
+                    ratio = ctx.ratios[(block.index, slot.kind)]
+                    if ratio >= 1.0 or ctx.block_full(block.index):
+                        full = True
+                    else:
+                        most = max(most, fresh_tokens(ratio, count))
+            found = self._step_selection[key] = (most, full)
+        return found
+
+    def _begin_shared(self, ctx: StepContext, device: torch.device) -> None:
+        """A new call of a model with one selection per call: forget the last call's ranking; a step that
+        recomputes no token part-way counts as one more partial step for every token, or refreshes them all."""
+        stream = ctx.stream
+        if stream.shared is None:
+            rows = stream.batch // 2 if stream.cfg_shared else stream.batch
+            stream.shared = SharedSelection(torch.zeros(rows, stream.num_tokens, dtype=torch.int32, device=device))
+        shared = stream.shared
+        shared.ranking = None
+        most, full = self._selection_plan(ctx)
+        if most == 0:
+            if full:
+                shared.steps_since_fresh.zero_()
+            else:
+                shared.steps_since_fresh += 1
+
+    def _shared_ranking(self, ctx: StepContext, state: SlotState, tokens: torch.Tensor, groups: str) -> torch.Tensor:
+        """This call's ranking of each sample's canonical tokens (B, k_max), chosen by the first module that
+        needs it (from its input, for the ``similarity`` score) and read by all the others."""
+        shared = ctx.stream.shared
+        if shared.ranking is None:
+            most, _ = self._selection_plan(ctx)
+            current = last = None
+            if self.selector.keeps_inputs:
+                batch = ctx.stream.batch
+                current = canonical_tokens(tokens, groups, batch, ctx.grid)
+                last = canonical_tokens(state.last_input, groups, batch, ctx.grid)
+            shared.ranking = self.selector.rank_shared(ctx, shared, current, last, most)
+        return shared.ranking
 
     def _check_run(self, num_tokens: int, grid: tuple[int, ...]) -> None:
         """Before the first step of a run: does the config fit this run's token count?"""
@@ -222,20 +336,26 @@ class CacheEngine:
         return value
 
     def _account(self, block: BlockEntry, slot: ModuleSlot, module: nn.Module, rows: int, num_tokens: int,
-                 context_tokens: int, batch: int, full: bool = True, stored: tuple[torch.Tensor, ...] = ()) -> None:
-        def cost(r: int) -> int:
-            return self._memo((block.index, slot.name, r, num_tokens, context_tokens, batch),
-                              lambda: slot_flops(slot, module, r, num_tokens, context_tokens, batch))
+                 context_tokens: int, batch: int, full: bool = True, stored: tuple[torch.Tensor, ...] = (),
+                 full_shape: tuple[int, int] | None = None) -> None:
+        """Count a call that recomputed ``rows`` of the ``num_tokens`` tokens of each of ``batch`` rows;
+        ``full_shape``: (tokens, batch) of the module's full computation when it runs on other rows (a video
+        block's frames or positions, whose fresh tokens run as one row per sample)."""
+        def cost(r: int, n: int, b: int) -> int:
+            return self._memo((block.index, slot.name, r, n, context_tokens, b),
+                              lambda: slot_flops(slot, module, r, n, context_tokens, b))
 
+        full_tokens, full_batch = full_shape if full_shape is not None else (num_tokens, batch)
         rec = self.record
-        rec.flops += cost(rows)
-        rec.flops_full += cost(num_tokens)
+        rec.flops += cost(rows, num_tokens, batch)
+        rec.flops_full += cost(full_tokens, full_tokens, full_batch)
         rec.tokens_computed[slot.kind] = rec.tokens_computed.get(slot.kind, 0) + rows * batch
-        rec.tokens_total[slot.kind] = rec.tokens_total.get(slot.kind, 0) + num_tokens * batch
+        rec.tokens_total[slot.kind] = rec.tokens_total.get(slot.kind, 0) + full_tokens * full_batch
         self._call_rows += rows
         if self.forecast is not None and slot.cached:
-            # per cached tensor: (B, n, D) elements forecast or updated
-            extra = sum(forecast_flops(self.forecast, full, rows, t.shape[1], t.shape[-1], batch) for t in stored)
+            # per cached tensor (b, n, D), b rows of n tokens (one row of all tokens for a flattened video cache)
+            extra = sum(forecast_flops(self.forecast, full, rows * batch // t.shape[0], t.shape[1], t.shape[-1],
+                                       t.shape[0]) for t in stored)
             rec.flops += extra
             rec.forecast_flops += extra
 
@@ -257,13 +377,14 @@ class CacheEngine:
         arguments = bound_arguments(module, args, kwargs)
         tokens = arguments["hidden_states"]
         batch, num_tokens = tokens.shape[0], tokens.shape[1]
-        context = arguments.get("encoder_hidden_states")
-        context_tokens = context.shape[1] if context is not None else 0
+        context_tokens = _context_tokens(slot, arguments)
         if slot.partial == "whole":
-            return self._run_whole(ctx, block, slot, module, original, args, kwargs, num_tokens, context_tokens)
+            return self._run_whole(ctx, block, slot, module, original, args, kwargs, tokens, context_tokens)
+        if block.shared_selection:
+            return self._run_shared_rows(ctx, block, slot, module, original, args, kwargs, tokens, context_tokens)
         key = (block.index, slot.name)
         state = ctx.stream.slot(key)
-        block_full = ctx.block_full(block.index)
+        block_full = ctx.slot_full(block.index, slot.kind)
         rows = num_tokens if block_full else ctx.rows(block.index, slot.kind, num_tokens)
         if slot.index_from is not None and not block_full:
             source_rows, source_index = self._call_indices.get(slot.index_from, (0, None))
@@ -305,7 +426,7 @@ class CacheEngine:
                 gather = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
                 fresh = tokens.gather(1, gather)
             if slot.partial == "queries":
-                if context is not None:
+                if arguments.get("encoder_hidden_states") is not None:
                     raise RuntimeError(f"{block.name}.{slot.name} is a self-attention but received "
                                        "encoder_hidden_states")
                 kwargs = {**kwargs, "encoder_hidden_states": tokens}
@@ -331,14 +452,97 @@ class CacheEngine:
                       stored=(state.output,))
         return result if result is not None else state.output.to(state.output_dtype)
 
+    def _run_shared_rows(self, ctx: StepContext, block: BlockEntry, slot: ModuleSlot, module: nn.Module,
+                         original: Callable[..., Any], args: tuple, kwargs: dict, tokens: torch.Tensor,
+                         context_tokens: int) -> Any:
+        """A position-wise module of a model whose fresh tokens are chosen once per call over each sample's
+        canonical tokens. Its rows (frames, positions or whole samples) are flattened to one row of all tokens:
+        the cache is (1, B*N, D), the fresh tokens are gathered at their place in that row, recomputed as a
+        (B, k) batch and scattered back."""
+        stream = ctx.stream
+        samples, count = stream.batch, stream.num_tokens
+        groups = block.groups(slot)
+        per_sample, per_row = group_shape(groups, ctx.grid)
+        rows_batch, width = tokens.shape[0], tokens.shape[-1]
+        if (rows_batch, tokens.shape[1]) != (samples * per_sample, per_row):
+            raise RuntimeError(f"{block.name}.{slot.name} runs on {groups} rows of the {ctx.grid} token grid: "
+                               f"for a batch of {samples} it should see ({samples * per_sample}, {per_row}) tokens, "
+                               f"it sees {tuple(tokens.shape[:2])}")
+        state = stream.slot((block.index, slot.name))
+        full = ctx.slot_full(block.index, slot.kind)
+        rows = count if full else ctx.rows(block.index, slot.kind, count)
+        if slot.index_from is not None and not full:
+            source_rows = self._call_indices.get(slot.index_from, (0, None))[0]
+            if source_rows != rows:
+                raise RuntimeError(f"{block.name}.{slot.name} recomputes the rows of {slot.index_from}, which "
+                                   f"recomputed {source_rows} of them; this call needs {rows}")
+        flat = tokens.reshape(1, samples * count, width)
+        if full or rows >= count or (slot.cached and state.output is None):
+            if state.output is None and slot.cached and not full:
+                raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
+                                   "step of a run must be full")
+            output = original(*args, **kwargs)
+            stored = output.reshape(1, samples * count, output.shape[-1])
+            if slot.cached:
+                if self.forecaster is not None:
+                    self.forecaster.update_all(state, stored.detach(), ctx.position)
+                self._store_all(state, flat, stored)
+            else:
+                self._store_inputs(state, flat)
+            self._account(block, slot, module, per_row, per_row, context_tokens, rows_batch, stored=(stored,))
+            return output
+
+        if slot.cached and state.output.shape[:2] != (1, samples * count):
+            raise RuntimeError(f"cache of {block.name}.{slot.name} holds {state.output.shape[1]} tokens but the "
+                               f"call has {samples * count}")
+        forecaster = self.forecaster if slot.cached else None
+        result = forecaster.predict(state, ctx.position) if forecaster is not None else None
+        if rows > 0 or not slot.cached:
+            timer, device = self.timer, tokens.device
+            if slot.index_from is not None:
+                index = self._call_indices[slot.index_from][1]
+            elif rows == 0:
+                index = torch.empty(1, 0, dtype=torch.long, device=device)
+            else:
+                with timer.section("select", device):
+                    ranking = self._shared_ranking(ctx, state, tokens, groups)
+                    index = flat_rows(ranking[:, :rows], groups, ctx.grid)
+            self._call_indices[slot.name] = (rows, index)
+            with timer.section("gather", device):
+                gather = index.unsqueeze(-1).expand(-1, -1, width)
+                fresh = flat.gather(1, gather)
+            call_args, call_kwargs = _fresh_call(args, kwargs, fresh.view(samples, rows, width), rows_batch,
+                                                 per_sample)
+            fresh_out = original(*call_args, **call_kwargs)
+            fresh_out = fresh_out.reshape(1, samples * rows, fresh_out.shape[-1])
+            with timer.section("scatter", device):
+                out_index = index.unsqueeze(-1).expand(-1, -1, fresh_out.shape[-1])
+                self._mark_fresh(state, index, gather, fresh, 1, samples * count, device)
+                if not slot.cached:
+                    empty = fresh_out.new_zeros(1, samples * count, fresh_out.shape[-1])
+                    self._account(block, slot, module, rows, count, context_tokens, samples, full=False,
+                                  full_shape=(per_row, rows_batch))
+                    return empty.scatter(1, out_index, fresh_out).view(rows_batch, per_row, -1)
+                if forecaster is not None:
+                    forecaster.update_rows(state, index, fresh_out.detach(), ctx.position)
+                    result = result.scatter(1, out_index, fresh_out.to(result.dtype))
+                state.output = state.output.scatter(1, out_index, fresh_out.to(state.output.dtype))
+        else:
+            state.steps_since_fresh += 1
+        self._account(block, slot, module, rows, count, context_tokens, samples, full=False,
+                      stored=(state.output,), full_shape=(per_row, rows_batch))
+        value = result if result is not None else state.output.to(state.output_dtype)
+        return value.view(rows_batch, per_row, -1)
+
     def _run_whole(self, ctx: StepContext, block: BlockEntry, slot: ModuleSlot, module: nn.Module,
-                   original: Callable[..., Any], args: tuple, kwargs: dict, num_tokens: int,
+                   original: Callable[..., Any], args: tuple, kwargs: dict, tokens: torch.Tensor,
                    context_tokens: int) -> Any:
-        """A module computed on full steps of its block and reused (or forecast) whole on the others; its
-        output may be a tuple of tensors (a joint attention's image and text outputs), each cached."""
+        """A module computed on full steps of its block (or of its module type) and reused (or forecast) whole on
+        the others; its output may be a tuple of tensors (a joint attention's image and text outputs), each
+        cached. Counted on the rows it runs on (a video block's frames or positions)."""
         first = ctx.stream.slot((block.index, slot.name))
-        batch = ctx.stream.batch
-        if ctx.block_full(block.index):
+        batch, num_tokens = tokens.shape[0], tokens.shape[1]
+        if ctx.slot_full(block.index, slot.kind):
             output = original(*args, **kwargs)
             tensors = output if isinstance(output, tuple) else (output,)
             for i, tensor in enumerate(tensors):

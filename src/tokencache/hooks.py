@@ -26,9 +26,11 @@ class TransformerHook(ModelHook):
         super().__init__()
         self.engine = engine
         self._signature: inspect.Signature | None = None
+        self._first = "hidden_states"
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         self._signature = inspect.signature(type(module).forward)
+        self._first = list(self._signature.parameters)[1]
         self.model = model_layout(module)
         return module
 
@@ -45,7 +47,8 @@ class TransformerHook(ModelHook):
     @torch.compiler.disable
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind_partial(module, *args, **kwargs).arguments
-        hidden_states = bound.get("hidden_states")
+        # the latents: ``hidden_states`` in diffusers, the first argument elsewhere (OpenSora's ``x``)
+        hidden_states = bound.get("hidden_states", bound.get(self._first))
         if hidden_states is None:
             raise RuntimeError("tokencache needs the transformer's `hidden_states` argument")
         grid = self.model.token_grid(module, bound)

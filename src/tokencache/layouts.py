@@ -7,10 +7,11 @@ the planner and the FLOP counter read only this description, never a hand-copied
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+import torch
 from torch import nn
 
 ModuleKind = Literal["self_attn", "cross_attn", "mlp"]
@@ -18,6 +19,10 @@ MODULE_KINDS: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
 
 PartialMode = Literal["rows", "queries", "whole"]
 TokenSet = Literal["image", "text", "joint"]
+TokenGroups = Literal["sample", "frame", "position"]
+TOKEN_GROUPS: tuple[str, ...] = ("sample", "frame", "position")
+ATTENTION_SCORES: tuple[str, ...] = ("attention", "value_norm", "cross_attention_entropy")
+SHARED_SELECTION_SCORES: tuple[str, ...] = ("random", "similarity")
 
 # (module, rows recomputed, tokens the module sees, text tokens passed to it) -> FLOPs of one sample
 FlopRule = Callable[[nn.Module, int, int, int], int]
@@ -52,6 +57,17 @@ class ModuleSlot:
     flops: FlopRule | None = None
     """FLOPs of one sample, for modules the default rules (diffusers ``Attention``, linear layers) do not
     describe."""
+    groups: TokenGroups | Callable[[nn.Module], TokenGroups] = "sample"
+    """How the module's (batch, tokens) rows lie over a video's tokens (frames x positions, frame-major):
+    ``"sample"``, one batch row per sample holding all its tokens; ``"frame"``, one batch row per frame of a
+    sample holding that frame's positions (a spatial block's (B*F, S)); ``"position"``, one batch row per
+    spatial position holding its frames (a temporal block's (B*S, F)). A callable takes the block (a block
+    class whose attention is spatial or temporal by a flag). With ``"frame"`` or ``"position"``, the module's
+    other per-row arguments (a spatial cross-attention's caption, repeated per frame) must be the same for
+    every row of a sample: fresh tokens are recomputed as one (B, k) batch and get the first."""
+    context: Callable[[dict], int] | None = None
+    """Text tokens per sample passed to the module, from its call arguments by name (``hidden_states`` is
+    its first argument), for FLOP counting; ``None``: ``encoder_hidden_states.shape[1]``."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,21 @@ class ModelLayout:
     num_tokens: int | None = None
     """Image tokens of a typical call, the default of ``tc.plan`` when the model's config has no
     ``sample_size`` to derive it from."""
+    block_lists: tuple[str, ...] = ()
+    """The model's lists of blocks that run interleaved, in the order each depth runs them (block ``i`` of
+    each list, then block ``i + 1``: a spatial-temporal video DiT); blocks are indexed in that execution
+    order. Empty: blocks run in the order the model holds them."""
+    block_layouts: Mapping[str, BlockLayout] = field(default_factory=dict)
+    """Per block list (``"temporal_transformer_blocks"``), a layout used for its blocks instead of the one
+    registered for their class (Latte's ``BasicTransformerBlock``s cache differently from DiT's)."""
+    shared_selection: bool = False
+    """Choose the fresh tokens once per transformer call (step and stream) over each sample's whole token
+    grid, and recompute those tokens in every block, whatever its rows are (frames, positions, all tokens):
+    spatial and temporal blocks of a video model then refresh the same tokens. Token-wise slots must be
+    ``rows``; scores must be ``random`` or ``similarity``."""
+    default_grid: Callable[[nn.Module], tuple[int, ...]] | None = None
+    """The token grid (frames, height, width) of a typical call, the default of ``tc.plan`` for video
+    models whose blocks see frames or positions."""
 
 
 _LAYOUTS: dict[str, BlockLayout] = {}
@@ -99,6 +130,48 @@ def register_model(layout: ModelLayout) -> None:
 
 def model_layout(transformer: nn.Module) -> ModelLayout:
     return _MODELS.get(type(transformer).__name__, DEFAULT_MODEL)
+
+
+def grid_size(grid: tuple[int, ...]) -> int:
+    count = 1
+    for size in grid:
+        count *= size
+    return count
+
+
+def group_shape(groups: str, grid: tuple[int, ...]) -> tuple[int, int]:
+    """(batch rows per sample, tokens per batch row) of a module whose rows are laid out as ``groups`` over a
+    sample's token ``grid`` (frames first)."""
+    count = grid_size(grid)
+    if groups == "sample":
+        return 1, count
+    if len(grid) < 2:
+        raise ValueError(f"a {groups!r} layout needs a (frames, ...) token grid; got {grid}")
+    frames = grid[0]
+    return (frames, count // frames) if groups == "frame" else (count // frames, frames)
+
+
+def flat_rows(index: torch.Tensor, groups: str, grid: tuple[int, ...]) -> torch.Tensor:
+    """Canonical token indices (B, k) (frame-major ``f * S + s`` within each sample) -> indices (1, B * k) of
+    the same tokens in a module's rows flattened to (1, batch rows * tokens)."""
+    batch = index.shape[0]
+    count = grid_size(grid)
+    offset = torch.arange(batch, device=index.device).unsqueeze(1) * count
+    if groups == "position":
+        frames = grid[0]
+        positions = count // frames
+        index = (index % positions) * frames + index // positions
+    return (index + offset).reshape(1, -1)
+
+
+def canonical_tokens(rows: torch.Tensor, groups: str, batch: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """A module's rows (any shape holding batch rows x tokens x C) as (B, N, C) in canonical token order."""
+    count = grid_size(grid)
+    channels = rows.shape[-1]
+    if groups == "position":
+        frames = grid[0]
+        return rows.reshape(batch, count // frames, frames, channels).transpose(1, 2).reshape(batch, count, channels)
+    return rows.reshape(batch, count, channels)
 
 
 def patch_grid(transformer: nn.Module, arguments: dict) -> tuple[int, ...]:
@@ -166,6 +239,16 @@ class BlockEntry:
     name: str
     module: nn.Module
     layout: BlockLayout
+    shared_selection: bool = False
+    """Whether the model chooses fresh tokens once per call for all blocks (:attr:`ModelLayout.shared_selection`)."""
+
+    def groups(self, slot: ModuleSlot) -> str:
+        """How ``slot``'s rows lie over the video's tokens in this block (see :attr:`ModuleSlot.groups`)."""
+        groups = slot.groups(self.module) if callable(slot.groups) else slot.groups
+        if groups not in TOKEN_GROUPS:
+            raise ValueError(f"{type(self.module).__name__}.{slot.name}: groups must be one of {TOKEN_GROUPS}; "
+                             f"got {groups!r}")
+        return groups
 
     def slots(self) -> list[tuple[ModuleSlot, nn.Module]]:
         present = []
@@ -201,6 +284,8 @@ def check_config_fits(config: object, blocks: list[BlockEntry]) -> None:
     if factors is not None and len(factors) != len(blocks):
         raise ValueError(f"{type(config).__name__}.depth_ratio has {len(factors)} per-block factors but "
                          f"the model has {len(blocks)} blocks")
+    if blocks and blocks[0].shared_selection:
+        _check_shared_selection(config, blocks[0])
     partial = getattr(config, "partial_modules", ())
     for block in blocks:
         for slot, _ in block.slots():
@@ -211,6 +296,24 @@ def check_config_fits(config: object, blocks: list[BlockEntry]) -> None:
                     f"{type(block.module).__name__}.{slot.name} ({block.name}) is computed whole or reused whole "
                     f"(it mixes tokens in a way fresh-token recomputation does not reproduce: joint text-image "
                     f"attention or rotary embeddings). Give {slot.kind} a ratio of 0 (leave it out of {field})")
+
+
+def _check_shared_selection(config: Any, block: BlockEntry) -> None:
+    """A model that chooses fresh tokens once per call over the video's tokens: the scores that need no
+    per-block attention map, no 2-D spatial bonus, no learned predictor."""
+    name = type(config).__name__
+    where = f"{type(block.module).__name__} blocks choose their fresh tokens once per step over the video's tokens"
+    if hasattr(config, "predictor"):
+        raise ValueError(f"{name} is not supported on this model: {where}, which a TokenCache predictor "
+                         "calibrated per block does not do; use ToCaConfig or FORAConfig")
+    score = getattr(config, "score", None)
+    if score is not None and score not in SHARED_SELECTION_SCORES:
+        raise ValueError(f"{name}.score {score!r} is not supported on this model: {where}, shared by spatial and "
+                         f"temporal blocks, and the attention-map scores are per block. Use one of "
+                         f"{SHARED_SELECTION_SCORES}")
+    if getattr(config, "spatial_cell_size", None) is not None:
+        raise ValueError(f"{name}.spatial_cell_size needs a 2-D grid of image tokens; this model's tokens form a "
+                         "(frames, height, width) grid: set spatial_cell_size=None")
 
 
 def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
@@ -224,13 +327,16 @@ def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
     model_name = type(transformer).__name__
     if model_name in _UNSUPPORTED_MODELS:
         raise TypeError(f"{model_name} is not supported: {_UNSUPPORTED_MODELS[model_name]}")
+    model = model_layout(transformer)
     entries: list[BlockEntry] = []
     seen_candidates: set[str] = set()
     for name, module in transformer.named_modules():
         if isinstance(module, nn.ModuleList):
             for child in module:
                 seen_candidates.add(type(child).__name__)
-        layout = layout_for(module)
+        layout = model.block_layouts.get(name.rsplit(".", 1)[0]) if "." in name else None
+        if layout is None or layout.block_class_name != type(module).__name__:
+            layout = layout_for(module)
         if layout is None:
             continue
         # A registered block nested inside another registered block is not a separate depth level.
@@ -239,7 +345,7 @@ def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
         reason = layout.check(module)
         if reason is not None:
             raise TypeError(f"block {name!r} ({type(module).__name__}) cannot be cached: {reason}")
-        entries.append(BlockEntry(len(entries), name, module, layout))
+        entries.append(BlockEntry(len(entries), name, module, layout, model.shared_selection))
     nested = [e.name for e in entries if len(e.name.split(".")) != 2]
     if nested:
         raise TypeError(f"{model_name} is not a supported diffusion transformer: its blocks sit inside other "
@@ -252,4 +358,24 @@ def find_blocks(transformer: nn.Module) -> list[BlockEntry]:
             f"{type(transformer).__name__} has no supported transformer block. Block classes found: {found}. "
             f"Supported: {', '.join(supported_block_classes())}. Register a BlockLayout to add one."
         )
+    if model.block_lists:
+        entries = _interleaved(model_name, model.block_lists, entries)
+    if model.shared_selection:
+        for entry in entries:
+            for slot, _ in entry.slots():
+                if slot.partial == "queries" or slot.tokens != "image":
+                    raise TypeError(f"{model_name} chooses fresh tokens once per step over its image tokens; "
+                                    f"{entry.name}.{slot.name} must be a 'rows' or 'whole' slot over image tokens")
     return entries
+
+
+def _interleaved(model_name: str, lists: tuple[str, ...], entries: list[BlockEntry]) -> list[BlockEntry]:
+    """The blocks in execution order: block ``i`` of each list in ``lists``, then block ``i + 1``."""
+    order: list[tuple[int, int, BlockEntry]] = []
+    for entry in entries:
+        parent, _, position = entry.name.partition(".")
+        if parent not in lists:
+            raise TypeError(f"{model_name}: block {entry.name!r} is in none of the interleaved block lists {lists}")
+        order.append((int(position), lists.index(parent), entry))
+    order.sort(key=lambda item: item[:2])
+    return [BlockEntry(i, e.name, e.module, e.layout, e.shared_selection) for i, (_, _, e) in enumerate(order)]

@@ -9,18 +9,19 @@ from typing import Any
 
 from torch import nn
 
-from .engine import ratio_table, slot_tokens
-from .flops import Counting, FlopConvention, block_overhead_flops, flop_convention, output_width, slot_flops
-from .forecast import forecast_flops
-from .layouts import check_config_fits, find_blocks, model_layout
-from .schedule import fresh_tokens
+from .engine import ratio_table, slot_work
+from .flops import Counting, FlopConvention, block_overhead_flops, flop_convention
+from .layouts import check_config_fits, find_blocks, grid_size, model_layout
 
 
 def default_num_tokens(transformer: nn.Module) -> int:
-    """Image tokens of one sample, from the transformer's ``config.sample_size`` and ``patch_size``."""
-    typical = model_layout(transformer).num_tokens
-    if typical is not None:
-        return typical
+    """Image tokens of one sample, from the transformer's ``config.sample_size`` and ``patch_size`` (all frames'
+    tokens of a video model with a typical grid)."""
+    model = model_layout(transformer)
+    if model.default_grid is not None:
+        return grid_size(model.default_grid(transformer))
+    if model.num_tokens is not None:
+        return model.num_tokens
     cfg = getattr(transformer, "config", None)
     if cfg is None or not hasattr(cfg, "get"):
         raise ValueError(f"num_tokens is missing: {type(transformer).__name__} has no diffusers config to read "
@@ -91,8 +92,22 @@ class Plan:
         return "\n".join(lines)
 
 
+def _plan_grid(transformer: nn.Module, num_tokens: int, num_frames: int | None) -> tuple[int, ...]:
+    """(frames, tokens per frame) of a planned sample: ``num_frames``, or the model's typical frame count."""
+    typical = model_layout(transformer).default_grid
+    if num_frames is None:
+        if typical is None:
+            return (num_tokens,)
+        num_frames = typical(transformer)[0]
+    if num_tokens % num_frames:
+        raise ValueError(f"tc.plan: num_tokens ({num_tokens}, all frames' tokens of a sample) must be a multiple of "
+                         f"num_frames ({num_frames})")
+    return (num_frames, num_tokens // num_frames)
+
+
 def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 2, num_tokens: int | None = None,
-         context_tokens: int | None = None, counting: Counting | FlopConvention = "engine") -> Plan:
+         context_tokens: int | None = None, counting: Counting | FlopConvention = "engine",
+         num_frames: int | None = None) -> Plan:
     """Plan ``config`` on ``transformer`` for ``num_steps`` steps and a transformer batch of ``batch_size``.
 
     The default 2 is one image with classifier-free guidance, the batch the DiT and PixArt pipelines pass the
@@ -100,11 +115,15 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     tokens per sample) defaults to the one the model's ``sample_size`` gives; ``context_tokens`` (text tokens)
     to the model family's usual caption length (PixArt-alpha 120, FLUX 512). ``counting="engine"`` counts FLOPs
     as a real run's statistics do; ``"toca"`` as the official DiT-ToCa code's counter, the one behind the ToCa
-    paper's DiT figures (same schedule, other per-element costs: see :data:`tokencache.flops.TOCA_COUNTER`)."""
+    paper's DiT figures (same schedule, other per-element costs: see :data:`tokencache.flops.TOCA_COUNTER`).
+    Video models: ``num_tokens`` counts every frame's tokens and ``num_frames`` (default: the model's typical
+    latent frames) splits them, for blocks that run on frames or on positions (Latte, OpenSora)."""
     _check_count("num_steps", num_steps, 1)
     _check_count("batch_size", batch_size, 1)
     if num_tokens is not None:
         _check_count("num_tokens", num_tokens, 1)
+    if num_frames is not None:
+        _check_count("num_frames", num_frames, 1)
     if context_tokens is None:
         context_tokens = model_layout(transformer).context_tokens
     _check_count("context_tokens", context_tokens, 0)
@@ -112,6 +131,7 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     blocks = find_blocks(transformer)
     check_config_fits(config, blocks)
     n = num_tokens if num_tokens is not None else default_num_tokens(transformer)
+    grid = _plan_grid(transformer, n, num_frames)
     policy = config.build_policy(num_steps, len(blocks))
     table = ratio_table(policy, blocks)
     overhead = sum(block_overhead_flops(b, n, batch_size, context_tokens, convention=convention) for b in blocks)
@@ -125,22 +145,13 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
         for block in blocks:
             largest = 0.0
             for slot, module in block.slots():
-                seen = slot_tokens(slot, n, context_tokens)
-                ratio = table[step][(block.index, slot.kind)]
-                whole = slot.partial == "whole"
-                rows = seen if ratio >= 1.0 else (0 if whole else fresh_tokens(ratio, seen))
-                computed += rows
-                largest = max(largest, rows / seen if seen else 0.0)
-                # text passed to the module beside its own tokens (a cross- or joint attention's)
-                text = context_tokens if slot.kind == "cross_attn" or slot.text_output else 0
-                flops += slot_flops(slot, module, rows, seen, text, batch_size, convention=convention)
-                flops_full += slot_flops(slot, module, seen, seen, text, batch_size, convention=convention)
-                if forecast is not None and slot.cached:
-                    full = rows >= seen
-                    extra = sum(forecast_flops(forecast, full, rows, tokens, output_width(module), batch_size)
-                                for tokens in _cached_tokens(slot, seen, n, context_tokens))
-                    flops += extra
-                    extra_flops += extra
+                work = slot_work(block, slot, module, table[step][(block.index, slot.kind)], n, grid,
+                                 context_tokens, batch_size, convention=convention, forecast=forecast)
+                computed += work.rows
+                largest = max(largest, work.rows / work.tokens if work.tokens else 0.0)
+                flops += work.flops + work.forecast_flops
+                flops_full += work.flops_full
+                extra_flops += work.forecast_flops
             row.append(largest)
         flops += overhead
         flops_full += overhead
@@ -152,10 +163,3 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     return Plan(method, num_steps, len(blocks), n, batch_size, tuple(kinds), tuple(fractions), flops, flops_full,
                 tuple(step_flops), extra_flops, convention.name)
 
-
-def _cached_tokens(slot: Any, seen: int, num_tokens: int, context_tokens: int) -> tuple[int, ...]:
-    """Token counts of the tensors a slot caches: a joint attention cached whole keeps its image and its text
-    output."""
-    if slot.text_output:
-        return (num_tokens, context_tokens)
-    return (seen,)

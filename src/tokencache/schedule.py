@@ -6,6 +6,7 @@ for both the engine and the planner, so a plan's FLOPs equal a real run's.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Protocol
 
@@ -93,19 +94,44 @@ def toca_official_full_blocks(config: ToCaConfig, num_steps: int, num_blocks: in
     return tuple(full_blocks)
 
 
+def toca_periodic_full_steps(config: ToCaConfig, num_steps: int) -> tuple[bool, ...]:
+    """Full steps with ``full_step_placement="periodic"``, as the official OpenSora ToCa code places them: the
+    leading ``first_full_steps``, and every step ``i`` that is a multiple of the interval."""
+    return tuple(step < config.first_full_steps or step % toca_interval(config, step, num_steps) == 0
+                 for step in range(num_steps))
+
+
+def toca_full_blocks(config: ToCaConfig, num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    """Full blocks per step under ``config.full_step_placement`` with ``config.full_step_interval``."""
+    if config.full_step_placement == "official":
+        return toca_official_full_blocks(config, num_steps, num_blocks)
+    if config.full_step_placement == "periodic":
+        return whole_steps(toca_periodic_full_steps(config, num_steps), num_blocks)
+    return whole_steps(toca_full_steps(config, num_steps), num_blocks)
+
+
 class ToCaPolicy:
     def __init__(self, config: ToCaConfig, num_steps: int, num_blocks: int) -> None:
         self.config = config
         self.num_steps = num_steps
         self.num_blocks = num_blocks
-        if config.full_step_placement == "official":
-            self.full_blocks = toca_official_full_blocks(config, num_steps, num_blocks)
-        else:
-            self.full_blocks = whole_steps(toca_full_steps(config, num_steps), num_blocks)
+        base = toca_full_blocks(config, num_steps, num_blocks)
+        self.kind_full_blocks: dict[str, tuple[int, ...]] = {
+            kind: toca_full_blocks(dataclasses.replace(config, full_step_interval=interval), num_steps, num_blocks)
+            for kind, interval in config.module_intervals.items()}
+        """Full blocks per step of the module types with an interval of their own."""
+        self.base_full_blocks = base
+        # A step (block) is full when every module type is: the other types' own full steps come as ratio 1.
+        self.full_blocks = tuple(min([base[step], *(f[step] for f in self.kind_full_blocks.values())])
+                                 for step in range(num_steps))
         self.full_steps = tuple(f >= num_blocks for f in self.full_blocks)
 
     def fresh_ratio(self, step: int, block: int, kind: str) -> float:
+        """The fraction of tokens recomputed at a non-full step; 1 where the module type's own interval (or the
+        base interval, for the other types) makes it full."""
         c = self.config
+        if block < self.kind_full_blocks.get(kind, self.base_full_blocks)[step]:
+            return 1.0
         module = c.module_ratio.get(kind, 0.0)
         if module == 0.0:
             return 0.0

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .config import ToCaConfig
 from .predictor import TokenCachePredictor, token_features
 from .scores import SCORES_FROM_ATTENTION, frequency_term, score_from_raw, spatial_bonus, topk_tokens
-from .state import SlotState, StepContext, StreamState
+from .state import SharedSelection, SlotState, StepContext, StreamState
 
 
 class ToCaSelector:
@@ -66,6 +66,37 @@ class ToCaSelector:
         if c.spatial_cell_size is not None:
             score = spatial_bonus(score, ctx.grid, c.spatial_cell_size, c.spatial_bonus)
         index = topk_tokens(score, k)
+        if stream.cfg_shared:
+            index = torch.cat([index, index], dim=0)
+        return index
+
+
+    def rank_shared(self, ctx: StepContext, shared: SharedSelection, tokens: torch.Tensor | None,
+                    last_input: torch.Tensor | None, k: int) -> torch.Tensor:
+        """The ``k`` best tokens of each sample (B, k), best first, chosen once per call for every block of a
+        model with a shared selection: the score over the canonical tokens plus the staleness term of the
+        shared counters, which then count this partial step (0 for the chosen tokens). ``tokens`` and
+        ``last_input`` (B, N, D) are the choosing module's input now and when each token was last recomputed
+        (the ``similarity`` score)."""
+        c = self.config
+        stream = ctx.stream
+        rows = stream.batch // 2 if stream.cfg_shared else stream.batch
+        counters = shared.steps_since_fresh
+        if c.score == "random":
+            raw = self._random(rows, stream.num_tokens, counters.device)
+        elif c.score == "similarity":
+            raw = F.cosine_similarity(tokens.float(), last_input.float(), dim=-1)
+            if stream.cfg_shared:
+                raw = 0.5 * (raw[:rows] + raw[rows:])
+        else:
+            raise ValueError(f"ToCaConfig.score {c.score!r} cannot choose tokens shared by every block; use "
+                             "'random' or 'similarity'")
+        score = score_from_raw(c.score, raw)
+        if c.frequency_weight > 0:
+            score = score + frequency_term(counters, c.full_step_interval, c.frequency_weight)
+        index = torch.topk(score, k, dim=-1, sorted=True).indices
+        counters += 1
+        counters.scatter_(1, index, 0)
         if stream.cfg_shared:
             index = torch.cat([index, index], dim=0)
         return index

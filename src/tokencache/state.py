@@ -48,6 +48,21 @@ class SlotState:
 
 
 @dataclass
+class SharedSelection:
+    """With :attr:`tokencache.layouts.ModelLayout.shared_selection`: the fresh tokens of one stream, chosen once
+    per transformer call over each sample's canonical tokens (frame-major for video) and read by every block."""
+
+    steps_since_fresh: torch.Tensor
+    """Partial steps since each canonical token was last recomputed (B, N) (B/2 rows for a shared CFG batch)."""
+    ranking: torch.Tensor | None = None
+    """This call's tokens, best first (B, k_max): a module recomputing ``k`` tokens takes the first ``k``."""
+
+    def nbytes(self) -> int:
+        tensors = (self.steps_since_fresh, self.ranking)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
 class StreamState:
     """State of one stream: the ``j``-th transformer call of each step (one stream when CFG is batched,
     two when a pipeline calls the transformer separately for the conditional and unconditional input)."""
@@ -59,6 +74,8 @@ class StreamState:
     slots: dict[SlotKey, SlotState] = field(default_factory=dict)
     raw_scores: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per block, the raw score statistic (B, n) from the last full step."""
+    shared: SharedSelection | None = None
+    """The selection shared by all blocks, for models that choose fresh tokens once per call."""
 
     def slot(self, key: SlotKey) -> SlotState:
         if key not in self.slots:
@@ -66,7 +83,8 @@ class StreamState:
         return self.slots[key]
 
     def cache_bytes(self) -> int:
-        return sum(s.nbytes() for s in self.slots.values())
+        shared = self.shared.nbytes() if self.shared is not None else 0
+        return shared + sum(s.nbytes() for s in self.slots.values())
 
     def score_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.raw_scores.values())
@@ -93,6 +111,11 @@ class StepContext:
 
     def block_full(self, block: int) -> bool:
         return self.is_full if self.full_blocks is None else block < self.full_blocks
+
+    def slot_full(self, block: int, kind: str) -> bool:
+        """Whether a module of ``kind`` in ``block`` is computed on every token at this step (its block is full,
+        or its module type's own interval makes it full)."""
+        return self.block_full(block) or self.ratios[(block, kind)] >= 1.0
 
     def rows(self, block: int, kind: str, num_tokens: int) -> int:
         """Tokens a module of ``kind`` in ``block`` recomputes at this step, of the ``num_tokens`` it sees."""
