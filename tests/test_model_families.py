@@ -96,28 +96,26 @@ def test_reuse_steps_hand_back_the_last_full_outputs(family) -> None:
     torch.testing.assert_close(cached, reference, rtol=0, atol=1e-5)
 
 
-def test_partial_steps_mix_fresh_rows_and_cached_rows(family) -> None:
-    """Every output row of a token-wise module is either the module applied to this step's input row
-    (fresh) or its output row of the previous call in the same stream (cached), and at least ``k`` are fresh."""
-    name, pipe = family
+def record_token_wise_calls(transformer) -> tuple[dict[str, list], list]:
+    """Forward hooks on every cached token-wise module: (args, kwargs, output) of each call."""
     calls: dict[str, list] = {}
     hooks = []
-    for block in find_blocks(pipe.transformer):
+    for block in find_blocks(transformer):
         for slot, module in block.slots():
             if slot.partial == "rows" and slot.cached:
                 key = f"{block.name}.{slot.name}"
                 hooks.append(module.register_forward_hook(
                     lambda m, args, kwargs, out, key=key: calls.setdefault(key, []).append((args, kwargs, out)),
                     with_kwargs=True))
-    handle = tc.apply(pipe, toca(0.5))
-    sample(name, pipe)
-    handle.remove()
-    for h in hooks:
-        h.remove()
-    streams = 2 if name == "wan" else 1
+    return calls, hooks
+
+
+def check_rows_mix(transformer, calls: dict[str, list], streams: int, ratio: float) -> None:
+    """Every output row of a token-wise module is either the module applied to this step's input row (fresh)
+    or its output row of the previous call in the same stream (cached), and at least ``k`` are fresh."""
     checked = 0
     for key, seen in calls.items():
-        module = pipe.transformer.get_submodule(key)
+        module = transformer.get_submodule(key)
         for i in range(streams, len(seen)):
             args, kwargs, output = seen[i]
             previous = seen[i - streams][2]
@@ -126,11 +124,21 @@ def test_partial_steps_mix_fresh_rows_and_cached_rows(family) -> None:
             is_fresh = (output - fresh).abs().amax(-1) < 1e-5
             is_cached = (output - previous).abs().amax(-1) < 1e-6
             assert bool((is_fresh | is_cached).all()), key
-            k = int(0.5 * output.shape[1])
             if not bool(is_fresh.all()):  # a partial call
-                assert int(is_fresh.sum(-1).min()) >= k, key
+                assert int(is_fresh.sum(-1).min()) >= int(ratio * output.shape[1]), key
                 checked += 1
     assert checked > 0
+
+
+def test_partial_steps_mix_fresh_rows_and_cached_rows(family) -> None:
+    name, pipe = family
+    calls, hooks = record_token_wise_calls(pipe.transformer)
+    handle = tc.apply(pipe, toca(0.5))
+    sample(name, pipe)
+    handle.remove()
+    for h in hooks:
+        h.remove()
+    check_rows_mix(pipe.transformer, calls, 2 if name == "wan" else 1, 0.5)
 
 
 def test_cfg_batches_resolution_changes_and_no_leak(family) -> None:

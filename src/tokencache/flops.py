@@ -88,11 +88,15 @@ def joint_attention_flops(attn: nn.Module, rows: int, num_tokens: int, context_t
     no text): the image projections on ``num_tokens`` rows, the text projections (``add_*_proj``,
     ``to_add_out``) on ``context_tokens`` rows, QKᵀ, softmax and AV over all of them. Computed whole only."""
     total = num_tokens + context_tokens
+    # without text projections of its own (HunyuanVideo's single-stream blocks) the text shares the image's
+    shared = total if getattr(attn, "add_q_proj", None) is None else num_tokens
     flops = 0
-    for name in ("to_q", "to_k", "to_v", "to_out"):
+    for name in ("to_q", "to_k", "to_v"):
         module = getattr(attn, name, None)
         if module is not None:
-            flops += linear_flops(module, num_tokens)
+            flops += linear_flops(module, shared)
+    if getattr(attn, "to_out", None) is not None:
+        flops += linear_flops(attn.to_out, num_tokens)
     for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
         module = getattr(attn, name, None)
         if module is not None and context_tokens:
