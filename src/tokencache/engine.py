@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .flops import block_overhead_flops, slot_flops
-from .forecast import TokenForecaster, forecast_flops
+from .forecast import TokenForecaster, cluster_correction, forecast_flops, kmeans, relative_error
 from .layouts import BlockEntry, ModuleSlot, bound_arguments
 from .schedule import CachePolicy, block_is_full
 from .state import SlotKey, SlotState, StepContext, StepTracker, StreamState
@@ -101,6 +101,8 @@ class CacheEngine:
         self.forecast = forecast if forecast is not None and forecast.order > 0 else None
         self.forecaster = TokenForecaster(forecast) if self.forecast is not None else None
         self.forecast_axis = forecast.axis if forecast is not None else "step"
+        self.clusters = self.forecast.clusters if self.forecast is not None else 0
+        self.track_errors = getattr(config, "score", None) == "forecast_error"
         self.context: StepContext | None = None
         self.streams: list[StreamState] = []
         self.policy: CachePolicy | None = None
@@ -235,7 +237,9 @@ class CacheEngine:
         self._call_rows += rows
         if self.forecast is not None and slot.cached:
             # per cached tensor: (B, n, D) elements forecast or updated
-            extra = sum(forecast_flops(self.forecast, full, rows, t.shape[1], t.shape[-1], batch) for t in stored)
+            score = getattr(self.config, "score", None)
+            extra = sum(forecast_flops(self.forecast, full, rows, t.shape[1], t.shape[-1], batch, score,
+                                       token_wise=slot.partial != "whole") for t in stored)
             rec.flops += extra
             rec.forecast_flops += extra
 
@@ -278,6 +282,7 @@ class CacheEngine:
             output = original(*args, **kwargs)
             if slot.cached:
                 if self.forecaster is not None:
+                    self._measure_full(state, output.detach(), ctx.position)
                     self.forecaster.update_all(state, output.detach(), ctx.position)
                 self._store_all(state, tokens, output)
             else:
@@ -320,6 +325,13 @@ class CacheEngine:
                     self._account(block, slot, module, rows, num_tokens, context_tokens, batch, full=False)
                     return empty.scatter(1, out_index, fresh_out)
                 if forecaster is not None:
+                    estimate = result.gather(1, out_index)
+                    if self.track_errors:
+                        state.forecast_error.scatter_(1, index, relative_error(fresh_out.detach(), estimate))
+                    if self.clusters and state.clusters is not None and rows > 0:
+                        error = fresh_out.detach().float() - estimate.float()
+                        shift = cluster_correction(state.clusters, index, error, self.clusters)
+                        result = (result.float() + self.forecast.cluster_weight * shift).to(result.dtype)
                     forecaster.update_rows(state, index, fresh_out.detach(), ctx.position)
                     result = result.scatter(1, out_index, fresh_out.to(result.dtype))
                 # Out of place: a tensor handed to the block (or a user's hook) is never modified afterwards.
@@ -369,6 +381,17 @@ class CacheEngine:
         self._account(block, slot, module, 0, num_tokens, context_tokens, batch, full=False,
                       stored=tuple(r for r in results if r is not None))
         return tuple(results) if first.whole_parts else results[0]
+
+    def _measure_full(self, state: SlotState, output: torch.Tensor, position: float) -> None:
+        """At a full computation: the forecast-error score's errors (the forecast it replaces against the
+        value), and the clusters of the cluster correction."""
+        if self.track_errors:
+            if state.derivatives is not None and state.output is not None and state.output.shape == output.shape:
+                state.forecast_error = relative_error(output, self.forecaster.predict(state, position))
+            else:
+                state.forecast_error = torch.zeros(output.shape[:2], device=output.device)
+        if self.clusters:
+            state.clusters = kmeans(output, self.clusters)
 
     def _mark_fresh(self, state: SlotState, index: torch.Tensor, gather: torch.Tensor, fresh: torch.Tensor,
                     batch: int, num_tokens: int, device: torch.device) -> None:

@@ -137,7 +137,8 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
                 flops_full += slot_flops(slot, module, seen, seen, text, batch_size, convention=convention)
                 if forecast is not None and slot.cached:
                     full = rows >= seen
-                    extra = sum(forecast_flops(forecast, full, rows, tokens, output_width(module), batch_size)
+                    extra = sum(forecast_flops(forecast, full, rows, tokens, output_width(module), batch_size,
+                                               getattr(config, "score", None), token_wise=not whole)
                                 for tokens in _cached_tokens(slot, seen, n, context_tokens))
                     flops += extra
                     extra_flops += extra
