@@ -16,8 +16,11 @@ import torch
 
 from .layouts import MODULE_KINDS
 
-ScoreName = Literal["attention", "cross_attention_entropy", "value_norm", "similarity", "random"]
-SCORES: tuple[str, ...] = ("attention", "cross_attention_entropy", "value_norm", "similarity", "random")
+ScoreName = Literal["attention", "cross_attention_entropy", "value_norm", "similarity", "random", "forecast_error",
+                    "forecast_term"]
+SCORES: tuple[str, ...] = ("attention", "cross_attention_entropy", "value_norm", "similarity", "random",
+                           "forecast_error", "forecast_term")
+FORECAST_SCORES: tuple[str, ...] = ("forecast_error", "forecast_term")
 FULL_STEP_PLACEMENTS: tuple[str, ...] = ("relative", "official", "periodic")
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -194,7 +197,9 @@ class ToCaConfig(PresetMixin):
     is computed on every token, the rest are partial or reused. Keys: ``self_attn``, ``cross_attn``, ``mlp``."""
     score: ScoreName = "attention"
     """Token importance: ``attention`` (attention received, from the last full step), ``cross_attention_entropy``,
-    ``value_norm``, ``similarity`` (change of the module input since the token was last computed), ``random``."""
+    ``value_norm``, ``similarity`` (change of the module input since the token was last computed), ``random``;
+    with ``forecast``: ``forecast_error`` (relative error of the token's forecast when it was last computed)
+    or ``forecast_term`` (relative size of the last term of its expansion now)."""
     frequency_weight: float = 0.25
     """λ3: weight of ``partial steps since last recomputed / N`` added to the score."""
     spatial_cell_size: int | None = None
@@ -257,6 +262,9 @@ class ToCaConfig(PresetMixin):
             raise _fail(cls, "full_step_placement", f"one of {FULL_STEP_PLACEMENTS}", self.full_step_placement)
         if self.score not in SCORES:
             raise _fail(cls, "score", f"one of {SCORES}", self.score)
+        if self.score in FORECAST_SCORES and (self.forecast is None or self.forecast.order == 0):
+            raise _fail(cls, "score", "a score other than forecast_error / forecast_term when forecast is off "
+                        "(they rank tokens by their forecast)", self.score)
         check_number(cls, "frequency_weight", self.frequency_weight, 0.0)
         if self.spatial_cell_size is not None:
             check_number(cls, "spatial_cell_size", self.spatial_cell_size, 1, integer=True)

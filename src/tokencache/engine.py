@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .flops import ENGINE_COUNTER, FlopConvention, block_overhead_flops, output_width, slot_flops
-from .forecast import TokenForecaster, forecast_flops
+from .forecast import TokenForecaster, cluster_correction, forecast_flops, kmeans, relative_error
 from .layouts import BlockEntry, ModuleSlot, bound_arguments, canonical_tokens, flat_rows, group_shape
 from .schedule import CachePolicy, block_is_full, fresh_tokens
 from .state import SharedSelection, SlotKey, SlotState, StepContext, StepTracker, StreamState
@@ -57,7 +57,7 @@ class SlotWork:
 
 def slot_work(block: BlockEntry, slot: ModuleSlot, module: nn.Module, ratio: float, num_tokens: int,
               grid: tuple[int, ...], context_tokens: int, batch: int, *,
-              convention: FlopConvention = ENGINE_COUNTER, forecast: Any = None) -> SlotWork:
+              convention: FlopConvention = ENGINE_COUNTER, forecast: Any = None, score: str | None = None) -> SlotWork:
     """The work of ``slot`` recomputing ``ratio`` of its tokens for ``batch`` samples of ``num_tokens`` image tokens
     (a ``grid``) and ``context_tokens`` text tokens. A video block's module computed on every token runs on its
     own rows (frames or positions, see :attr:`ModuleSlot.groups`); its fresh tokens run as one row per sample."""
@@ -71,7 +71,8 @@ def slot_work(block: BlockEntry, slot: ModuleSlot, module: nn.Module, ratio: flo
     if forecast is not None and slot.cached:
         cached = (num_tokens, context_tokens) if slot.text_output else (seen,)
         width = output_width(module)
-        extra = sum(forecast_flops(forecast, rows >= seen, rows, tokens, width, batch) for tokens in cached)
+        extra = sum(forecast_flops(forecast, rows >= seen, rows, tokens, width, batch, score,
+                                   token_wise=slot.partial != "whole") for tokens in cached)
     return SlotWork(rows, seen, flops, flops_full, extra)
 
 
@@ -160,6 +161,8 @@ class CacheEngine:
         self.forecast = forecast if forecast is not None and forecast.order > 0 else None
         self.forecaster = TokenForecaster(forecast) if self.forecast is not None else None
         self.forecast_axis = forecast.axis if forecast is not None else "step"
+        self.clusters = self.forecast.clusters if self.forecast is not None else 0
+        self.track_errors = getattr(config, "score", None) == "forecast_error"
         self.context: StepContext | None = None
         self.streams: list[StreamState] = []
         self.policy: CachePolicy | None = None
@@ -354,8 +357,9 @@ class CacheEngine:
         self._call_rows += rows
         if self.forecast is not None and slot.cached:
             # per cached tensor (b, n, D), b rows of n tokens (one row of all tokens for a flattened video cache)
+            score = getattr(self.config, "score", None)
             extra = sum(forecast_flops(self.forecast, full, rows * batch // t.shape[0], t.shape[1], t.shape[-1],
-                                       t.shape[0]) for t in stored)
+                                       t.shape[0], score, token_wise=slot.partial != "whole") for t in stored)
             rec.flops += extra
             rec.forecast_flops += extra
 
@@ -399,6 +403,7 @@ class CacheEngine:
             output = original(*args, **kwargs)
             if slot.cached:
                 if self.forecaster is not None:
+                    self._measure_full(state, output.detach(), ctx.position)
                     self.forecaster.update_all(state, output.detach(), ctx.position)
                 self._store_all(state, tokens, output)
             else:
@@ -441,6 +446,13 @@ class CacheEngine:
                     self._account(block, slot, module, rows, num_tokens, context_tokens, batch, full=False)
                     return empty.scatter(1, out_index, fresh_out)
                 if forecaster is not None:
+                    estimate = result.gather(1, out_index)
+                    if self.track_errors:
+                        state.forecast_error.scatter_(1, index, relative_error(fresh_out.detach(), estimate))
+                    if self.clusters and state.clusters is not None and rows > 0:
+                        error = fresh_out.detach().float() - estimate.float()
+                        shift = cluster_correction(state.clusters, index, error, self.clusters)
+                        result = (result.float() + self.forecast.cluster_weight * shift).to(result.dtype)
                     forecaster.update_rows(state, index, fresh_out.detach(), ctx.position)
                     result = result.scatter(1, out_index, fresh_out.to(result.dtype))
                 # Out of place: a tensor handed to the block (or a user's hook) is never modified afterwards.
@@ -573,6 +585,17 @@ class CacheEngine:
         self._account(block, slot, module, 0, num_tokens, context_tokens, batch, full=False,
                       stored=tuple(r for r in results if r is not None))
         return tuple(results) if first.whole_parts else results[0]
+
+    def _measure_full(self, state: SlotState, output: torch.Tensor, position: float) -> None:
+        """At a full computation: the forecast-error score's errors (the forecast it replaces against the
+        value), and the clusters of the cluster correction."""
+        if self.track_errors:
+            if state.derivatives is not None and state.output is not None and state.output.shape == output.shape:
+                state.forecast_error = relative_error(output, self.forecaster.predict(state, position))
+            else:
+                state.forecast_error = torch.zeros(output.shape[:2], device=output.device)
+        if self.clusters:
+            state.clusters = kmeans(output, self.clusters)
 
     def _mark_fresh(self, state: SlotState, index: torch.Tensor, gather: torch.Tensor, fresh: torch.Tensor,
                     batch: int, num_tokens: int, device: torch.device) -> None:

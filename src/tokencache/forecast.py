@@ -46,6 +46,13 @@ class ForecastConfig:
     step distance ``j`` times (what diffusers' TaylorSeer hook computes). ``newton``: Newton's divided
     differences over the token's last ``order + 1`` computations, ``sum_j f[p0..pj] (p - p0)...(p - p(j-1))``,
     exact for features that are polynomials of degree <= ``order`` in the axis, at any spacing."""
+    clusters: int = 0
+    """ClusCa-style correction (ACM MM 2025): at full steps each module's tokens are grouped into this many
+    k-means clusters of its output; a partial step spreads its recomputed tokens over the clusters and adds
+    each cluster's mean forecast error, measured on its recomputed tokens, to the forecasts of its other
+    tokens. 0 turns it off."""
+    cluster_weight: float = 1.0
+    """Fraction of its cluster's measured forecast error added to a token's forecast."""
     token_update: TokenUpdate = "anchor"
     """What a token recomputed on a partial step updates. ``anchor``: its value and position, keeping the
     derivative estimates of the last full computation (the expansion restarts from the fresh value).
@@ -61,20 +68,35 @@ class ForecastConfig:
                         "torch.bfloat16", self.dtype)
         if self.expansion not in EXPANSIONS:
             raise _fail(cls, "expansion", f"one of {EXPANSIONS}", self.expansion)
+        check_number(cls, "clusters", self.clusters, 0, 256, integer=True)
+        check_number(cls, "cluster_weight", self.cluster_weight, 0.0, 1.0)
         if self.token_update not in TOKEN_UPDATES:
             raise _fail(cls, "token_update", f"one of {TOKEN_UPDATES}", self.token_update)
 
 
 def forecast_flops(config: ForecastConfig | None, full: bool, rows: int, num_tokens: int, width: int,
-                   batch: int) -> int:
+                   batch: int, score: str | None = None, token_wise: bool = True) -> int:
     """Element-wise FLOPs of forecasting in one module call: a full computation updates every token's
     differences, a cached one expands every token and (``token_update="differences"``) updates the ``rows``
-    recomputed ones; each costs a multiply and an add per order and element."""
+    recomputed ones; each costs a multiply and an add per order and element. The cluster correction adds its
+    k-means (5 iterations, distances and means) at full computations and a multiply-add per element at partial
+    ones; the ``forecast_error`` score one more expansion at full computations, ``forecast_term`` one term per
+    order and element at partial ones. A module cached whole (``token_wise=False``) has none of these three."""
     if config is None or config.order == 0:
         return 0
     updated = num_tokens if full else (rows if config.token_update == "differences" else 0)
     expanded = 0 if full else num_tokens
-    return 2 * config.order * (expanded + updated) * width * batch
+    flops = 2 * config.order * (expanded + updated) * width
+    if not token_wise:
+        return flops * batch
+    if config.clusters:
+        clusters = min(config.clusters, num_tokens)
+        flops += 5 * 4 * num_tokens * clusters * width if full else (2 * num_tokens * width if rows else 0)
+    if score == "forecast_error" and full:
+        flops += 2 * config.order * num_tokens * width
+    if score == "forecast_term" and not full and rows:
+        flops += 2 * config.order * num_tokens * width
+    return flops * batch
 
 
 class TokenForecaster:
@@ -215,3 +237,72 @@ class TokenForecaster:
             out = torch.add(out, state.derivatives[j - 1], alpha=weight) if j == 1 else \
                 out.add_(state.derivatives[j - 1], alpha=weight)
         return out
+
+
+def relative_error(value: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """Per token (B, n): ``|value - estimate| / |value|``."""
+    value = value.float()
+    return (value - estimate.float()).norm(dim=-1) / value.norm(dim=-1).clamp_min(1e-12)
+
+
+def last_term_size(forecaster: TokenForecaster, state: Any, position: float) -> torch.Tensor:
+    """Per token (B, n): the size of the highest known term of its expansion at ``position`` relative to its
+    value: how far the forecast leans on its least reliable estimate."""
+    order = forecaster.order
+    positions = state.positions.float()
+    offsets = position - positions  # (B, n, m)
+    if forecaster.newton:
+        weight = offsets.cumprod(dim=-1)
+    else:
+        powers = offsets[..., :1] ** torch.arange(1, order + 1, device=offsets.device)
+        weight = powers / torch.tensor([math.factorial(j) for j in range(1, order + 1)], device=offsets.device)
+    known = (state.history.long() - 1).clamp(min=0, max=order)  # orders with an estimate
+    size = torch.zeros(state.output.shape[:2], device=state.output.device)
+    for j in range(order):
+        term = state.derivatives[j].float().norm(dim=-1) * weight[..., j].abs()
+        size = torch.where(known == j + 1, term, size)
+    return size / state.output.float().norm(dim=-1).clamp_min(1e-12)
+
+
+def kmeans(features: torch.Tensor, clusters: int, iterations: int = 5, seed: int = 0) -> torch.Tensor:
+    """Per sample, cluster indices (B, n) of k-means over the tokens ``features`` (B, n, D)."""
+    batch, tokens, _ = features.shape
+    clusters = min(clusters, tokens)
+    x = features.float()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    start = torch.stack([torch.randperm(tokens, generator=g)[:clusters] for _ in range(batch)]).to(x.device)
+    centres = x.gather(1, start.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    for _ in range(iterations):
+        assign = torch.cdist(x, centres).argmin(dim=-1)
+        one_hot = torch.nn.functional.one_hot(assign, clusters).float()  # (B, n, K)
+        counts = one_hot.sum(1).clamp_min(1.0)
+        centres = torch.where(one_hot.sum(1).unsqueeze(-1) > 0, one_hot.transpose(1, 2) @ x / counts.unsqueeze(-1),
+                              centres)
+    return torch.cdist(x, centres).argmin(dim=-1)
+
+
+def spread_over_clusters(score: torch.Tensor, assign: torch.Tensor, k: int, clusters: int) -> torch.Tensor:
+    """Top-``k`` tokens (B, k) taking the best-scored ones of each cluster in turn (round-robin by rank within
+    its cluster), so every cluster gets recomputed tokens before any gets a second."""
+    order = score.argsort(dim=-1, descending=True)
+    sorted_assign = assign.gather(1, order)
+    one_hot = torch.nn.functional.one_hot(sorted_assign, clusters)
+    rank = (one_hot.cumsum(1) * one_hot).sum(-1) - 1  # rank of each token within its cluster, by score
+    position = torch.arange(score.shape[1], device=score.device).expand_as(rank)
+    key = rank * score.shape[1] + position  # round-robin: rank first, then score order
+    chosen = key.argsort(dim=-1)[:, :k]
+    return order.gather(1, chosen)
+
+
+def cluster_correction(assign: torch.Tensor, index: torch.Tensor, error: torch.Tensor, clusters: int,
+                       ) -> torch.Tensor:
+    """Per token (B, n, D): the mean forecast error ``error`` (B, k, D) of the recomputed tokens ``index`` of
+    its cluster (0 where a cluster had none)."""
+    batch, tokens = assign.shape
+    chosen = assign.gather(1, index)  # (B, k)
+    sums = torch.zeros(batch, clusters, error.shape[-1], device=error.device, dtype=torch.float32)
+    sums.scatter_add_(1, chosen.unsqueeze(-1).expand(-1, -1, error.shape[-1]), error.float())
+    counts = torch.zeros(batch, clusters, device=error.device).scatter_add_(1, chosen, torch.ones_like(
+        chosen, dtype=torch.float32))
+    mean = sums / counts.clamp_min(1.0).unsqueeze(-1)
+    return mean.gather(1, assign.unsqueeze(-1).expand(-1, -1, error.shape[-1]))

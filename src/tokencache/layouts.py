@@ -314,6 +314,10 @@ def _check_shared_selection(config: Any, block: BlockEntry) -> None:
     if getattr(config, "spatial_cell_size", None) is not None:
         raise ValueError(f"{name}.spatial_cell_size needs a 2-D grid of image tokens; this model's tokens form a "
                          "(frames, height, width) grid: set spatial_cell_size=None")
+    forecast = getattr(config, "forecast", None)
+    if forecast is not None and getattr(forecast, "clusters", 0):
+        raise ValueError(f"ForecastConfig.clusters is not supported on this model: {where}, and the clusters are "
+                         "per module; set clusters=0")
 
 
 def find_blocks(transformer: nn.Module) -> list[BlockEntry]:

@@ -146,7 +146,8 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
             largest = 0.0
             for slot, module in block.slots():
                 work = slot_work(block, slot, module, table[step][(block.index, slot.kind)], n, grid,
-                                 context_tokens, batch_size, convention=convention, forecast=forecast)
+                                 context_tokens, batch_size, convention=convention, forecast=forecast,
+                                 score=getattr(config, "score", None))
                 computed += work.rows
                 largest = max(largest, work.rows / work.tokens if work.tokens else 0.0)
                 flops += work.flops + work.forecast_flops

@@ -27,6 +27,8 @@ def score_from_raw(score: str, raw: torch.Tensor) -> torch.Tensor:
         return l2_normalize(1.0 - raw)
     if score == "random":
         return raw.float()
+    if score in ("forecast_error", "forecast_term"):
+        return l2_normalize(raw)
     return l2_normalize(raw)
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ToCaConfig
+from .forecast import TokenForecaster, last_term_size, spread_over_clusters
 from .predictor import TokenCachePredictor, token_features
 from .scores import SCORES_FROM_ATTENTION, frequency_term, score_from_raw, spatial_bonus, topk_tokens
 from .state import SharedSelection, SlotState, StepContext, StreamState
@@ -18,6 +19,7 @@ class ToCaSelector:
     def __init__(self, config: ToCaConfig) -> None:
         self.config = config
         self.generator: torch.Generator | None = None
+        self.forecaster = TokenForecaster(config.forecast) if config.forecast is not None else None
 
     @property
     def attention_statistic(self) -> tuple[str, str] | None:
@@ -50,6 +52,13 @@ class ToCaSelector:
         rows = batch // 2 if stream.cfg_shared else batch
         if c.score == "random":
             raw = self._random(rows, num_tokens, tokens.device)
+        elif c.score in ("forecast_error", "forecast_term"):
+            if c.score == "forecast_error":
+                raw = slot.forecast_error
+            else:
+                raw = last_term_size(self.forecaster, slot, ctx.position)
+            if stream.cfg_shared:
+                raw = 0.5 * (raw[:rows] + raw[rows:])
         else:
             if c.score == "similarity":
                 raw = F.cosine_similarity(tokens.float(), slot.last_input.float(), dim=-1)
@@ -65,7 +74,11 @@ class ToCaSelector:
             score = score + frequency_term(slot.steps_since_fresh[:rows], c.full_step_interval, c.frequency_weight)
         if c.spatial_cell_size is not None:
             score = spatial_bonus(score, ctx.grid, c.spatial_cell_size, c.spatial_bonus)
-        index = topk_tokens(score, k)
+        clusters = c.forecast.clusters if c.forecast is not None else 0
+        if clusters and slot.clusters is not None:
+            index = spread_over_clusters(score, slot.clusters[:rows], k, min(clusters, num_tokens))
+        else:
+            index = topk_tokens(score, k)
         if stream.cfg_shared:
             index = torch.cat([index, index], dim=0)
         return index

@@ -37,12 +37,17 @@ class SlotState:
     last full step): those positions and that history, for the scalar fast path."""
     history: torch.Tensor | None = None
     """With forecasting: computations of each token so far, capped at m + 1 (which orders are known)."""
+    forecast_error: torch.Tensor | None = None
+    """With the ``forecast_error`` score: each token's relative forecast error when it was last computed (B, n)."""
+    clusters: torch.Tensor | None = None
+    """With forecast clusters: each token's k-means cluster from the last full step (B, n)."""
     whole_parts: int = 0
     """For a module cached whole whose output is a tuple: its length (the other parts are cached under
     ``name[i]``); 0 for a single tensor."""
 
     def nbytes(self) -> int:
         tensors = [self.output, self.steps_since_fresh, self.last_input, self.positions, self.history,
+                   self.forecast_error, self.clusters,
                    *(self.derivatives or [])]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
