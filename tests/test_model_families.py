@@ -160,8 +160,10 @@ def test_whole_modules_reject_token_wise_ratios_and_attention_scores() -> None:
     pipe = tiny_flux_pipeline()
     with pytest.raises(ValueError, match="module_ratio makes self_attn modules partial.*FluxTransformerBlock.attn"):
         tc.apply(pipe, tc.ToCaConfig(module_ratio={"self_attn": 0.5, "mlp": 1.0}, score="random"))
-    with pytest.raises(ValueError, match="score 'attention'"):
-        tc.apply(pipe, tc.ToCaConfig(module_ratio={"mlp": 1.0}))
+    with pytest.raises(ValueError, match="score 'value_norm'.*only the 'attention' score"):
+        tc.apply(pipe, tc.ToCaConfig(module_ratio={"mlp": 1.0}, score="value_norm"))
+    with pytest.raises(ValueError, match="score 'attention'.*JointAttnProcessor2_0"):
+        tc.apply(tiny_sd3_pipeline(), tc.ToCaConfig(module_ratio={"mlp": 1.0}))
     with pytest.raises(ValueError, match="depth_ratio has 3 per-block factors but the model has 4 blocks"):
         tc.apply(pipe, tc.ToCaConfig(module_ratio={"mlp": 1.0}, score="random",
                                      depth_ratio=tc.BlockFactors((1.0, 1.0, 1.0))))
@@ -197,3 +199,30 @@ def test_published_shapes_plan(name: str) -> None:
     transformer = build_transformer(name)
     plan = tc.plan(tc.FORAConfig(interval=2), transformer, 10, batch_size=1)
     assert plan.count("full") == 5 and 1.8 < plan.speedup < 2.0
+
+
+def test_flux_attention_score_is_exact_when_full_and_ranks_each_token_pool() -> None:
+    """FLUX's 'attention' score (ToCa's official one): the explicit attention that reports it gives the model's
+    output, and a partial step ranks image and text tokens by the attention each received at the last full step."""
+    pipe = tiny_flux_pipeline()
+    reference = sample("flux", pipe)
+    handle = tc.apply(pipe, tc.ToCaConfig(module_ratio={"mlp": 1.0}, first_full_steps=STEPS))
+    torch.testing.assert_close(sample("flux", pipe), reference, rtol=0, atol=1e-5)
+    handle.remove()
+    engine_scores = []
+    config = tc.ToCaConfig.preset("flux-dev-toca5", score="attention", first_full_steps=1, full_step_interval=3,
+                                  depth_ratio=tc.BlockFactors((1.0,) * 4), fresh_ratio=0.3, frequency_weight=0.0)
+    handle = tc.apply(pipe, config)
+    original = handle._engine.selector.select
+
+    def spy(ctx, block, slot, tokens, k, token_set="image"):
+        index = original(ctx, block, slot, tokens, k, token_set)
+        raw = ctx.stream.raw_scores[block][token_set]
+        engine_scores.append((token_set, bool(torch.equal(index.sort().values, raw.topk(k).indices.sort().values))))
+        return index
+
+    handle._engine.selector.select = spy
+    sample("flux", pipe)
+    handle.remove()
+    pools = {pool for pool, _ in engine_scores}
+    assert pools == {"image", "text", "joint"} and all(top for _, top in engine_scores)

@@ -156,8 +156,9 @@ def test_fresh_ratio_formula():
     assert policy.fresh_ratio(5, 7, "cross_attn") == pytest.approx(expected)
     assert policy.fresh_ratio(5, 7, "self_attn") == 0.0
     dit = ToCaPolicy(tc.ToCaConfig.preset("dit-ddim50"), 50, 28)
-    assert dit.fresh_ratio(0, 0, "mlp") == 0.0  # negative step factor clamps to 0
-    assert dit.fresh_ratio(49, 27, "mlp") == pytest.approx(0.07 * 3.0 * 1.2 * 2.5)
+    assert dit.fresh_ratio(0, 0, "mlp") == 1.0  # step 0 is full
+    assert dit.fresh_ratio(1, 0, "mlp") == 0.0  # negative step factor clamps to 0
+    assert dit.fresh_ratio(48, 27, "mlp") == pytest.approx(0.07 * (-1 + 4 * 49 / 50) * 1.2 * 2.5)
 
 
 def test_full_step_schedule_hand_cases():

@@ -28,7 +28,7 @@ from torch import nn
 
 from .handle import CacheHandle
 from .hooks import MODULE_HOOK, ModuleCacheHook, is_applied, resolve_target
-from .processors import ScoringAttnProcessor
+from .processors import FluxScoringAttnProcessor, ScoringAttnProcessor
 from .small_linear import SMALL_LINEAR_HOOK
 
 
@@ -40,7 +40,8 @@ class CompiledCompute:
 
     def __init__(self, module: nn.Module, eager: Callable[..., Any], compiled: Callable[..., Any]) -> None:
         processor = getattr(module, "processor", None)
-        self.scoring = processor if isinstance(processor, ScoringAttnProcessor) else None
+        self.scoring = processor if isinstance(processor, (ScoringAttnProcessor, FluxScoringAttnProcessor)) \
+            else None
         self.eager = eager
         self.compiled = compiled
 

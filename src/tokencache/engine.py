@@ -363,14 +363,14 @@ class CacheEngine:
             rec.flops += extra
             rec.forecast_flops += extra
 
-    def statistic_sink(self, block: int) -> Callable[[torch.Tensor], None] | None:
+    def statistic_sink(self, block: int) -> Callable[[Any], None] | None:
         """Where an attention processor of ``block`` sends its score statistic now, or None."""
         ctx = self.context
         if ctx is None or not ctx.block_full(block):
             return None
         raw_scores = ctx.stream.raw_scores
 
-        def sink(value: torch.Tensor) -> None:
+        def sink(value: Any) -> None:  # (B, n), or a dict of them per token pool
             raw_scores[block] = value
 
         return sink
@@ -425,7 +425,7 @@ class CacheEngine:
                 index = torch.empty(batch, 0, dtype=torch.long, device=tokens.device)
             else:
                 with timer.section("select", device):
-                    index = self.selector.select(ctx, block.index, state, tokens, rows)
+                    index = self.selector.select(ctx, block.index, state, tokens, rows, slot.tokens)
             self._call_indices[slot.name] = (rows, index)
             with timer.section("gather", device):
                 gather = index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])

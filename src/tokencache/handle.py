@@ -23,7 +23,7 @@ from .hooks import (
 )
 from .layouts import check_config_fits, find_blocks
 from .plan import default_num_tokens
-from .processors import ScoringAttnProcessor, unsupported_reason
+from .processors import scoring_processor, unsupported_reason
 from .small_linear import DEFAULT_SMALL_BATCH_LINEAR, SmallBatchLinearConfig, install_small_batch_linear
 
 
@@ -213,7 +213,7 @@ def apply(target: Any, config: Any,
             if not modules:
                 raise ValueError(f"score {score!r} needs a {kind} module, and block {block.name!r} "
                                  f"({type(block.module).__name__}) has none; choose another score")
-            reason = unsupported_reason(modules[0])
+            reason = unsupported_reason(modules[0], statistic)
             if reason is not None:
                 raise ValueError(f"score {score!r}: {reason} ({block.name})")
             scoring.append((block.index, modules[0], statistic))
@@ -222,9 +222,8 @@ def apply(target: Any, config: Any,
     processors: list[tuple[nn.Module, Any]] = []
     for index, attn, statistic in scoring:
         processors.append((attn, attn.processor))
-        attn.set_processor(ScoringAttnProcessor(attn.processor, statistic,
-                                                lambda i=index: engine.statistic_sink(i),
-                                                selector.config.score_chunk_size))
+        attn.set_processor(scoring_processor(attn, statistic, lambda i=index: engine.statistic_sink(i),
+                                             selector.config.score_chunk_size))
     installer.register(transformer, TransformerHook(engine), TRANSFORMER_HOOK)
     for block in blocks:
         for slot, module in block.slots():

@@ -18,8 +18,20 @@ from .scores import attention_entropy, attention_received, head_mean
 StatisticSink = Callable[[torch.Tensor], None]
 
 
-def unsupported_reason(attn: Any) -> str | None:
-    """Why the explicit path cannot reproduce this attention module, or None."""
+def unsupported_reason(attn: Any, statistic: str = "received") -> str | None:
+    """Why no scoring processor can reproduce this attention module, or None."""
+    if type(attn).__name__ == "FluxAttention":
+        if statistic != "received":
+            return f"FLUX's joint attention reports only the 'attention' score's statistic, not {statistic!r}"
+        if getattr(attn, "fused_projections", False):
+            return "fused QKV projections are not supported by the attention-based scores (unfuse them)"
+        if type(attn.processor).__name__ != "FluxAttnProcessor":
+            return f"attention processor {type(attn.processor).__name__} is not supported by the attention-based scores"
+        return None
+    inner = type(getattr(attn, "processor", None)).__name__
+    if inner not in ("AttnProcessor2_0", "AttnProcessor"):
+        return (f"attention processor {inner} (joint text-image attention, or another mechanism) is not supported "
+                "by the attention-based scores: use score='random' or 'similarity'")
     for name in ("spatial_norm", "group_norm", "norm_q", "norm_k"):
         if getattr(attn, name, None) is not None:
             return f"attention with {name} is not supported by the attention-based scores"
@@ -90,3 +102,66 @@ class ScoringAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         return hidden_states / attn.rescale_output_factor
+
+
+class FluxScoringAttnProcessor:
+    """FLUX's joint attention with the attention each token *receives* (ToCa's score, as the official FLUX code
+    computes it): softmax(QKᵀ) over all text and image queries, averaged over heads, summed over queries. On the
+    calls that report it, the attention runs explicitly in chunks of queries (diffusers' ``FluxAttnProcessor``
+    otherwise); the statistic goes out per token pool, text first as FLUX orders its sequence: ``text`` and
+    ``image`` for a dual-stream block, ``joint`` for a single-stream one."""
+
+    def __init__(self, inner: Any, request: Callable[[], StatisticSink | None], chunk_size: int) -> None:
+        self.inner = inner
+        self.request = request
+        self.chunk_size = chunk_size
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+        sink = None if torch.compiler.is_compiling() else self.request()
+        if sink is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise RuntimeError("the 'attention' score on FLUX does not support an attention mask; use another score")
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        query = attn.norm_q(heads(attn.to_q(hidden_states)))
+        key = attn.norm_k(heads(attn.to_k(hidden_states)))
+        value = heads(attn.to_v(hidden_states))
+        text = 0
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            text = encoder_hidden_states.shape[1]
+            query = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), query], dim=1)
+            key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), key], dim=1)
+            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (B, H, L, d)
+        batch, _, length, _ = query.shape
+        scale = attn.head_dim ** -0.5
+        out = torch.empty_like(query)
+        received = torch.zeros(batch, length, dtype=torch.float32, device=query.device)
+        for start in range(0, length, self.chunk_size):
+            stop = min(start + self.chunk_size, length)
+            probs = torch.softmax(query[:, :, start:stop].float() @ key.float().transpose(-1, -2) * scale, dim=-1)
+            out[:, :, start:stop] = (probs @ value.float()).to(out.dtype)
+            received += probs.mean(dim=1).sum(dim=1)
+        sink({"text": received[:, :text], "image": received[:, text:]} if text else {"joint": received})
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states[:, :text], hidden_states[:, text:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+def scoring_processor(attn: Any, statistic: str, request: Callable[[], StatisticSink | None],
+                      chunk_size: int) -> Any:
+    """The processor that makes ``attn`` report ``statistic`` (see :func:`unsupported_reason` first)."""
+    if type(attn).__name__ == "FluxAttention":
+        return FluxScoringAttnProcessor(attn.processor, request, chunk_size)
+    return ScoringAttnProcessor(attn.processor, statistic, request, chunk_size)

@@ -44,8 +44,10 @@ class ToCaSelector:
             self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
         return torch.rand(batch, num_tokens, generator=self.generator, device=device)
 
-    def select(self, ctx: StepContext, block: int, slot: SlotState, tokens: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices (B, k) of the tokens to recompute; ``tokens`` is the module input (B, n, D)."""
+    def select(self, ctx: StepContext, block: int, slot: SlotState, tokens: torch.Tensor, k: int,
+               token_set: str = "image") -> torch.Tensor:
+        """Indices (B, k) of the tokens to recompute; ``tokens`` is the module input (B, n, D), ``token_set`` which
+        of the block's token pools they are (a processor may report a statistic per pool)."""
         c = self.config
         stream: StreamState = ctx.stream
         batch, num_tokens = tokens.shape[0], tokens.shape[1]
@@ -64,9 +66,11 @@ class ToCaSelector:
                 raw = F.cosine_similarity(tokens.float(), slot.last_input.float(), dim=-1)
             else:
                 raw = stream.raw_scores.get(block)
+                if isinstance(raw, dict):
+                    raw = raw.get(token_set)
                 if raw is None:
-                    raise RuntimeError(f"no {c.score!r} statistic was recorded for block {block} at the last "
-                                       "full step")
+                    raise RuntimeError(f"no {c.score!r} statistic was recorded for the {token_set} tokens of block "
+                                       f"{block} at the last full step")
             if stream.cfg_shared:
                 raw = 0.5 * (raw[:rows] + raw[rows:])
         score = score_from_raw(c.score, raw)
@@ -128,7 +132,8 @@ class PredictorSelector:
     def reset(self, device: torch.device | None) -> None:
         self._position = {}
 
-    def select(self, ctx: StepContext, block: int, slot: SlotState, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    def select(self, ctx: StepContext, block: int, slot: SlotState, tokens: torch.Tensor, k: int,
+               token_set: str = "image") -> torch.Tensor:
         p = self.predictor
         if next(p.parameters()).device != tokens.device:
             p.to(tokens.device)

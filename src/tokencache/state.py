@@ -77,8 +77,9 @@ class StreamState:
     cfg_shared: bool
     """Whether this stream's batch is a CFG batch whose halves share one token selection."""
     slots: dict[SlotKey, SlotState] = field(default_factory=dict)
-    raw_scores: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per block, the raw score statistic (B, n) from the last full step."""
+    raw_scores: dict[int, torch.Tensor | dict[str, torch.Tensor]] = field(default_factory=dict)
+    """Per block, the raw score statistic (B, n) from the last full step, or one per token pool (``image``,
+    ``text``, ``joint``) when the block's attention covers several."""
     shared: SharedSelection | None = None
     """The selection shared by all blocks, for models that choose fresh tokens once per call."""
 
@@ -92,7 +93,8 @@ class StreamState:
         return shared + sum(s.nbytes() for s in self.slots.values())
 
     def score_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.raw_scores.values())
+        tensors = [t for v in self.raw_scores.values() for t in (v.values() if isinstance(v, dict) else (v,))]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
