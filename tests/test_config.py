@@ -57,7 +57,9 @@ def test_fora_interval_rejects_bad_values(value):
 @given(st.floats(0, 1), st.integers(1, 10), st.floats(0, 2), st.sampled_from(tc.config.SCORES))
 @settings(max_examples=40, deadline=None)
 def test_valid_configs_are_accepted_and_plan(ratio, interval, weight, score):
-    config = tc.ToCaConfig(fresh_ratio=ratio, full_step_interval=interval, frequency_weight=weight, score=score)
+    forecast = tc.ForecastConfig(order=1) if score in tc.config.FORECAST_SCORES else None  # they need one
+    config = tc.ToCaConfig(fresh_ratio=ratio, full_step_interval=interval, frequency_weight=weight, score=score,
+                           forecast=forecast)
     policy = config.build_policy(20, 4)
     assert policy.full_steps[0]
     assert all(0 <= policy.fresh_ratio(i, 1, "mlp") <= 1 for i in range(20))
