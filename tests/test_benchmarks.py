@@ -88,6 +88,33 @@ def test_speed_rows_separate_the_linear_route_from_the_cache(monkeypatch, no_rou
     assert ("| W @ xᵀ |" in cached) is not no_route and ("| stock |" in cached) is no_route
 
 
+def test_flux_and_wan_inputs_match_the_planned_token_counts():
+    """FLUX.1-dev and Wan 2.1 1.3B cut to one block (meta weights): the inputs have the real token counts the
+    plans assume, and every timed method fits the cut model (FLUX ToCa presets: one depth factor per block)."""
+    meta, cpu = speed.torch.device("meta"), speed.torch.device("cpu")
+    flux = speed.build("flux-dev", 1, meta, speed.torch.float32)
+    assert speed.num_blocks(flux) == 2 and flux.config.num_attention_heads * flux.config.attention_head_dim == 3072
+    inputs = speed.make_inputs("flux-dev", flux, cpu, speed.torch.float32)
+    cond = inputs["cond"]
+    assert inputs["latents"].shape == (1, 4096, 64) and cond["encoder_hidden_states"].shape == (1, 512, 4096)
+    assert cond["pooled_projections"].shape == (1, 768) and cond["txt_ids"].shape == (512, 3)
+    assert cond["img_ids"].shape == (4096, 3) and cond["img_ids"][-1].tolist() == [0.0, 63.0, 63.0]
+    wan = speed.build("wan2.1-t2v-1.3b", 1, meta, speed.torch.float32)
+    assert speed.num_blocks(wan) == 1
+    video = speed.make_inputs("wan2.1-t2v-1.3b", wan, cpu, speed.torch.float32)
+    assert video["latents"].shape == (1, 16, 5, 60, 104) and video["uncond"].shape == (1, 512, 4096)
+    for name, model in (("flux-dev", flux), ("wan2.1-t2v-1.3b", wan)):
+        counts = speed.token_counts(name, model)
+        assert counts["num_tokens"] == (4096 if name == "flux-dev" else 5 * 30 * 52)
+        for config in speed.SETTINGS[name]["methods"].values():
+            fitted = speed.fit_to_blocks(config, model)
+            plan = tc.plan(fitted, model, 10, **counts)
+            assert plan.step_kinds[:3] == ("full",) * 3 and plan.step_kinds[3] != "full"
+            assert plan.speedup > 1.5
+            assert speed.probe_steps(fitted, model, 10, counts) == 2  # the first 3 steps are full
+    assert speed._spread([1.234, 1.1]) == "1.10-1.23" and speed._spread([2.0, 2.001]) == "2.00"
+
+
 def test_cpu_peak_memory_probe_measures_the_run():
     args = argparse.Namespace(dtype="float32", steps=3, blocks=1, threads=1)
     uncached = speed.cpu_peak_rss_mib("pixart-alpha-256", "no cache", args)
