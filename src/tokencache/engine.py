@@ -444,7 +444,7 @@ class CacheEngine:
                     empty = fresh_out.new_zeros(batch, num_tokens, fresh_out.shape[-1])
                     self._mark_fresh(state, index, gather, fresh, batch, num_tokens, tokens.device)
                     self._account(block, slot, module, rows, num_tokens, context_tokens, batch, full=False)
-                    return empty.scatter(1, out_index, fresh_out)
+                    return empty.scatter_(1, out_index, fresh_out)  # in place: a tensor of our own
                 if forecaster is not None:
                     estimate = result.gather(1, out_index)
                     if self.track_errors:
@@ -534,7 +534,7 @@ class CacheEngine:
                     empty = fresh_out.new_zeros(1, samples * count, fresh_out.shape[-1])
                     self._account(block, slot, module, rows, count, context_tokens, samples, full=False,
                                   full_shape=(per_row, rows_batch))
-                    return empty.scatter(1, out_index, fresh_out).view(rows_batch, per_row, -1)
+                    return empty.scatter_(1, out_index, fresh_out)  # in place: a tensor of our own.view(rows_batch, per_row, -1)
                 if forecaster is not None:
                     forecaster.update_rows(state, index, fresh_out.detach(), ctx.position)
                     result = result.scatter(1, out_index, fresh_out.to(result.dtype))
