@@ -55,6 +55,18 @@ def main() -> None:
     parser.add_argument("--out", default="forecast-scores")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    stem = RESULTS / args.out
+    meta = dict(samples=args.samples, device=cpu_name(), date=datetime.date.today().isoformat(),
+                guidance=DEFAULT_GUIDANCE, schedule="DDIM-50, official placement N=6, Newton order 2")
+    # Resumable: rows already in the result file (same sample count) are kept, the others run and are saved
+    # one by one, so an interrupted run loses at most the row it was making.
+    records: list[dict] = []
+    if stem.with_suffix(".json").exists():
+        previous = json.loads(stem.with_suffix(".json").read_text())
+        if previous["meta"]["samples"] == args.samples:
+            records = previous["rows"]
+    done = {r["method"] for r in records}
+    todo = [row for row in rows_to_run() if row[0] not in done]
     pipe = load_model()
     labels = [i % 10 for i in range(args.samples)]
 
@@ -63,9 +75,8 @@ def main() -> None:
             return pipe(class_labels=labels, num_inference_steps=50, guidance_scale=DEFAULT_GUIDANCE,
                         generator=torch.Generator().manual_seed(0)).images
 
-    full = run()
-    records = []
-    for name, ratio, score, clusters, weight in rows_to_run():
+    full = run() if todo else None
+    for name, ratio, score, clusters, weight in todo:
         handle = tc.apply(pipe, config(ratio, score, clusters, weight))
         start = time.process_time()
         images = run()
@@ -76,14 +87,19 @@ def main() -> None:
                       psnr=psnr(images, full), flops_speedup=stats.flops_full / stats.flops, cpu_seconds=seconds)
         records.append(record)
         print(f"{name:<50} {record['psnr']:6.2f} dB  {record['flops_speedup']:.2f}x FLOPs", flush=True)
-    meta = dict(samples=args.samples, device=cpu_name(), date=datetime.date.today().isoformat(),
-                guidance=DEFAULT_GUIDANCE, schedule="DDIM-50, official placement N=6, Newton order 2")
+        write(stem, meta, records)
+    write(stem, meta, records)
+
+
+def write(stem: Path, meta: dict, records: list[dict]) -> None:
+    order = [row[0] for row in rows_to_run()]
+    records = sorted(records, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(dict(meta=meta, rows=records), indent=1))
-    lines = [f"Digits DiT, {meta['schedule']}, {args.samples} samples, {meta['device']}, {meta['date']}", "",
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=records), indent=1))
+    lines = [f"Digits DiT, {meta['schedule']}, {meta['samples']} samples, {meta['device']}, {meta['date']}", "",
              "| method | PSNR vs full (dB) | FLOPs speed-up |", "|---|---|---|"]
     lines += [f"| {r['method']} | {r['psnr']:.2f} | {r['flops_speedup']:.2f}x |" for r in records]
-    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
