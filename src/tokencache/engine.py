@@ -534,7 +534,7 @@ class CacheEngine:
                     empty = fresh_out.new_zeros(1, samples * count, fresh_out.shape[-1])
                     self._account(block, slot, module, rows, count, context_tokens, samples, full=False,
                                   full_shape=(per_row, rows_batch))
-                    return empty.scatter_(1, out_index, fresh_out)  # in place: a tensor of our own.view(rows_batch, per_row, -1)
+                    return empty.scatter_(1, out_index, fresh_out).view(rows_batch, per_row, -1)
                 if forecaster is not None:
                     forecaster.update_rows(state, index, fresh_out.detach(), ctx.position)
                     result = result.scatter(1, out_index, fresh_out.to(result.dtype))
