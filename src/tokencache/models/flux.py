@@ -54,14 +54,17 @@ def _check_dual(block: nn.Module) -> str | None:
     return None
 
 
+# A dual-stream block's joint attention and its image and text MLPs (HunyuanVideo's use the same names).
+DUAL_STREAM_SLOTS = (
+    ModuleSlot("attn", "self_attn", "whole", text_output=True, flops=joint_attention_flops),
+    ModuleSlot("ff", "mlp", "rows"),
+    ModuleSlot("ff_context", "mlp", "rows", tokens="text"),
+)
+
 register_layout(
     BlockLayout(
         block_class_name="FluxTransformerBlock",
-        slots=(
-            ModuleSlot("attn", "self_attn", "whole", text_output=True, flops=joint_attention_flops),
-            ModuleSlot("ff", "mlp", "rows"),
-            ModuleSlot("ff_context", "mlp", "rows", tokens="text"),
-        ),
+        slots=DUAL_STREAM_SLOTS,
         check=_check_dual,
         text_prefixes=("norm1_context", "norm2_context"),
     )

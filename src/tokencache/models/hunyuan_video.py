@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..flops import joint_attention_flops
 from ..layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_layout, register_model
 from ..shapes import register_shape
+from .flux import DUAL_STREAM_SLOTS
 
 # 720p, 129 frames: a 33x90x160 latent in 1x2x2 patches -> 118,800 tokens; LLaMA prompts of 256 tokens.
 register_model(ModelLayout("HunyuanVideoTransformer3DModel", patch_grid, context_tokens=256,
@@ -21,11 +22,7 @@ register_model(ModelLayout("HunyuanVideoTransformer3DModel", patch_grid, context
 register_layout(
     BlockLayout(
         block_class_name="HunyuanVideoTransformerBlock",
-        slots=(
-            ModuleSlot("attn", "self_attn", "whole", text_output=True, flops=joint_attention_flops),
-            ModuleSlot("ff", "mlp", "rows"),
-            ModuleSlot("ff_context", "mlp", "rows", tokens="text"),
-        ),
+        slots=DUAL_STREAM_SLOTS,
         text_prefixes=("norm1_context", "norm2_context"),
     )
 )
