@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from . import sampling
 from .calibrate import CalibrationConfig
 from .config import TOKEN_SELECTIONS
+from .flops import FLOP_CONVENTIONS
 from .plan import plan
 from .presets import preset, presets
 from .shapes import MODEL_SHAPES, PLAN_DEFAULTS, build_transformer
@@ -163,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image tokens (default: the model's published resolution)")
     p.add_argument("--context-tokens", type=int, default=None,
                    help="text tokens (default: the model family's caption length: PixArt 120, FLUX 512)")
-    p.add_argument("--counting", choices=["engine", "toca"], default="engine",
+    p.add_argument("--counting", choices=sorted(FLOP_CONVENTIONS), default="engine",
                    help="FLOP convention: 'engine' (default) as a real run's statistics count, 'toca' as the "
-                        "official DiT-ToCa counter behind the ToCa paper's figures")
+                        "official DiT-ToCa counter behind the ToCa paper's DiT figures, 'toca-flux' as the official FLUX "
+                        "ToCa code (also recomputes the joint attention's output projections at partial steps)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("presets", help="list the presets")

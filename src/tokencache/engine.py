@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flops import ENGINE_COUNTER, FlopConvention, block_overhead_flops, output_width, slot_flops
+from .flops import (
+    ENGINE_COUNTER,
+    FlopConvention,
+    block_overhead_flops,
+    output_projection_flops,
+    output_width,
+    slot_flops,
+)
 from .forecast import TokenForecaster, cluster_correction, forecast_flops, kmeans, relative_error
 from .layouts import BlockEntry, ModuleSlot, bound_arguments, canonical_tokens, flat_rows, group_shape
 from .schedule import CachePolicy, block_is_full, fresh_tokens
@@ -67,6 +74,9 @@ def slot_work(block: BlockEntry, slot: ModuleSlot, module: nn.Module, ratio: flo
     flops_full = slot_flops(slot, module, per_row, per_row, text, batch * per_sample, convention=convention)
     rows = seen if ratio >= 1.0 else (0 if slot.partial == "whole" else fresh_tokens(ratio, seen))
     flops = flops_full if rows >= seen else slot_flops(slot, module, rows, seen, text, batch, convention=convention)
+    if (rows == 0 and slot.partial == "whole" and slot.kind == "self_attn"
+            and convention.reused_attention_projects_output):
+        flops = batch * output_projection_flops(module, num_tokens, text)
     extra = 0
     if forecast is not None and slot.cached:
         cached = (num_tokens, context_tokens) if slot.text_output else (seen,)

@@ -7,7 +7,8 @@ act on one row per sample.
 
 :data:`TOCA_COUNTER` is the other convention a plan can count in: the one of the official DiT-ToCa code's
 FLOP counter (``--test-FLOPs``), which produced the ToCa paper's DiT figures (23.74 -> 10.23 TFLOPs on
-DDIM-50, 118.68 -> 43.42 on DDPM-250).
+DDIM-50, 118.68 -> 43.42 on DDPM-250). :data:`TOCA_FLUX_COUNTER` is the official FLUX ToCa code's (the
+paper's FLUX.1-dev figures, 1126.76 TFLOPs for ToCa5 and 990.30 for ToCa6).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class FlopConvention:
     """Per element of the queries, scaled by ``1/sqrt(head_dim)`` before QKᵀ."""
     mlp_activation: int = 0
     """Per element of a feed-forward's hidden activation (the outputs of its linears but the last)."""
+    reused_attention_projects_output: bool = False
+    """At a step that reuses an attention computed whole, count its output projections (``to_out``,
+    ``to_add_out``) on every token: the official FLUX ToCa code recomputes them from the cached attention
+    output, which gives the values tokencache reuses."""
 
 
 ENGINE_COUNTER = FlopConvention("engine")
@@ -53,8 +58,12 @@ modulation linear plus 1 per element of its SiLU, 1 per query element for the sc
 MLP's GELU; the rest as :data:`ENGINE_COUNTER`. Like the engine it counts the norms and the modulation of
 every block on every step, and attention and MLP on the tokens they compute."""
 
-FLOP_CONVENTIONS: dict[str, FlopConvention] = {c.name: c for c in (ENGINE_COUNTER, TOCA_COUNTER)}
-Counting = Literal["engine", "toca"]
+TOCA_FLUX_COUNTER = FlopConvention("toca-flux", reused_attention_projects_output=True)
+"""The official FLUX ToCa code: the engine's prices, plus the output projections of the dual-stream blocks'
+joint attention on every token at the steps that reuse that attention."""
+
+FLOP_CONVENTIONS: dict[str, FlopConvention] = {c.name: c for c in (ENGINE_COUNTER, TOCA_COUNTER, TOCA_FLUX_COUNTER)}
+Counting = Literal["engine", "toca", "toca-flux"]
 
 
 def flop_convention(counting: str | FlopConvention) -> FlopConvention:
@@ -104,6 +113,15 @@ def joint_attention_flops(attn: nn.Module, rows: int, num_tokens: int, context_t
     inner = attn.to_q.out_features
     flops += 2 * 2 * total * total * inner
     flops += SOFTMAX_FLOPS_PER_ELEMENT * attn.heads * total * total
+    return flops
+
+
+def output_projection_flops(attn: nn.Module, num_tokens: int, context_tokens: int) -> int:
+    """One sample of an attention's output projections alone: ``to_out`` on the image tokens and
+    ``to_add_out`` (where it has one) on the text tokens."""
+    flops = linear_flops(attn.to_out, num_tokens) if getattr(attn, "to_out", None) is not None else 0
+    if getattr(attn, "to_add_out", None) is not None:
+        flops += linear_flops(attn.to_add_out, context_tokens)
     return flops
 
 
