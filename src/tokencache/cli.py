@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text tokens (default: the model family's caption length: PixArt 120, FLUX 512)")
     p.add_argument("--counting", choices=sorted(FLOP_CONVENTIONS), default="engine",
                    help="FLOP convention: 'engine' (default) as a real run's statistics count, 'toca' as the "
-                        "official DiT-ToCa counter behind the ToCa paper's DiT figures, 'toca-flux' as the official FLUX "
-                        "ToCa code (also recomputes the joint attention's output projections at partial steps)")
+                        "official DiT-ToCa counter behind the ToCa paper's DiT figures, 'toca-flux' as the "
+                        "official FLUX ToCa code (which also recomputes the joint attention's output projections)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("presets", help="list the presets")

@@ -415,9 +415,9 @@ class CacheEngine:
                 if self.forecaster is not None:
                     self._measure_full(state, output.detach(), ctx.position)
                     self.forecaster.update_all(state, output.detach(), ctx.position)
-                self._store_all(state, tokens, output)
+                self._store_all(state, tokens if slot.index_from is None else None, output)
             else:
-                self._store_inputs(state, tokens)
+                self._store_inputs(state, tokens, keep_input=slot.index_from is None)
             self._account(block, slot, module, num_tokens, num_tokens, context_tokens, batch, stored=(output,))
             return output
 
@@ -508,9 +508,9 @@ class CacheEngine:
             if slot.cached:
                 if self.forecaster is not None:
                     self.forecaster.update_all(state, stored.detach(), ctx.position)
-                self._store_all(state, flat, stored)
+                self._store_all(state, flat if slot.index_from is None else None, stored)
             else:
-                self._store_inputs(state, flat)
+                self._store_inputs(state, flat, keep_input=slot.index_from is None)
             self._account(block, slot, module, per_row, per_row, context_tokens, rows_batch, stored=(stored,))
             return output
 
@@ -616,13 +616,14 @@ class CacheEngine:
         if state.last_input is not None:
             state.last_input.scatter_(1, gather, fresh.to(state.last_input.dtype))
 
-    def _store_inputs(self, state: SlotState, tokens: torch.Tensor) -> None:
-        """A full computation of an uncached slot: every token is fresh."""
+    def _store_inputs(self, state: SlotState, tokens: torch.Tensor, keep_input: bool = True) -> None:
+        """A full computation of an uncached slot: every token is fresh. A slot that takes another's rows
+        (``index_from``) scores nothing, so its input is not kept (FLUX: a 12,288-wide hidden per token)."""
         if state.steps_since_fresh is None or state.steps_since_fresh.shape != tokens.shape[:2]:
             state.steps_since_fresh = torch.zeros(tokens.shape[:2], dtype=torch.int32, device=tokens.device)
         else:
             state.steps_since_fresh.zero_()
-        if self.selector is not None and self.selector.keeps_inputs:
+        if keep_input and self.selector is not None and self.selector.keeps_inputs:
             state.last_input = tokens.detach().to(self.cache_dtype or tokens.dtype).clone()
 
     def _store_all(self, state: SlotState, tokens: torch.Tensor | None, output: torch.Tensor) -> None:

@@ -61,6 +61,15 @@ DUAL_STREAM_SLOTS = (
     ModuleSlot("ff_context", "mlp", "rows", tokens="text"),
 )
 
+#: Single-stream blocks' MLP branch: input projection and activation on the fresh tokens only, the other rows
+#: left zero (the output projection reads the same rows), nothing cached for the 4x-wide hidden.
+SINGLE_STREAM_MLP_BRANCH = (
+    ModuleSlot("proj_mlp", "mlp", "rows", tokens="joint", cached=False),
+    ModuleSlot("act_mlp", "mlp", "rows", tokens="joint", cached=False, index_from="proj_mlp"),
+)
+#: The output projection of [attention output, MLP hidden] on those tokens.
+SINGLE_STREAM_OUTPUT = ModuleSlot("proj_out", "mlp", "rows", tokens="joint", index_from="act_mlp")
+
 register_layout(
     BlockLayout(
         block_class_name="FluxTransformerBlock",
@@ -74,9 +83,9 @@ register_layout(
     BlockLayout(
         block_class_name="FluxSingleTransformerBlock",
         slots=(
-            ModuleSlot("proj_mlp", "mlp", "rows", tokens="joint", cached=False),
+            *SINGLE_STREAM_MLP_BRANCH,
             ModuleSlot("attn", "self_attn", "whole", tokens="joint", flops=joint_attention_flops),
-            ModuleSlot("proj_out", "mlp", "rows", tokens="joint", index_from="proj_mlp"),
+            SINGLE_STREAM_OUTPUT,
         ),
         tokens="joint",
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..flops import joint_attention_flops
 from ..layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_layout, register_model
 from ..shapes import register_shape
-from .flux import DUAL_STREAM_SLOTS
+from .flux import DUAL_STREAM_SLOTS, SINGLE_STREAM_MLP_BRANCH, SINGLE_STREAM_OUTPUT
 
 # 720p, 129 frames: a 33x90x160 latent in 1x2x2 patches -> 118,800 tokens; LLaMA prompts of 256 tokens.
 register_model(ModelLayout("HunyuanVideoTransformer3DModel", patch_grid, context_tokens=256,
@@ -31,9 +31,9 @@ register_layout(
     BlockLayout(
         block_class_name="HunyuanVideoSingleTransformerBlock",
         slots=(
-            ModuleSlot("proj_mlp", "mlp", "rows", tokens="joint", cached=False),
+            *SINGLE_STREAM_MLP_BRANCH,
             ModuleSlot("attn", "self_attn", "whole", text_output=True, flops=joint_attention_flops),
-            ModuleSlot("proj_out", "mlp", "rows", tokens="joint", index_from="proj_mlp"),
+            SINGLE_STREAM_OUTPUT,
         ),
         tokens="joint",
     )
