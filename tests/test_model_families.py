@@ -231,3 +231,30 @@ def test_flux_attention_score_is_exact_when_full_and_ranks_each_token_pool() -> 
     handle.remove()
     pools = {pool for pool, _ in engine_scores}
     assert pools == {"image", "text", "joint"} and all(top for _, top in engine_scores)
+
+
+def test_flux_single_stream_mlp_branch_runs_on_the_fresh_rows_only() -> None:
+    """Partial steps of a FLUX single-stream block: the MLP's input projection, its GELU and the output
+    projection each see the same k rows of the joint sequence, not the zero rows of the other tokens."""
+    pipe = tiny_flux_pipeline()
+    block = pipe.transformer.single_transformer_blocks[0]
+    rows: dict[str, list[int]] = {}
+
+    def recording(name: str, forward: Callable) -> Callable:
+        def record(x: torch.Tensor, *args, **kwargs):
+            rows.setdefault(name, []).append(x.shape[1])
+            return forward(x, *args, **kwargs)
+        return record
+
+    # Instance attributes set before tc.apply: the cache's hooks call them as the modules' own forwards, so they
+    # see the rows the modules really compute (a torch forward hook would see the call's whole input).
+    for name in ("proj_mlp", "act_mlp", "proj_out"):
+        module = getattr(block, name)
+        module.forward = recording(name, module.forward)
+    handle = tc.apply(pipe, toca(0.5))
+    sample("flux", pipe)
+    handle.remove()
+    assert rows["proj_mlp"] == rows["act_mlp"] == rows["proj_out"]
+    total = max(rows["proj_mlp"])
+    partial = [r for r in rows["proj_mlp"] if r < total]
+    assert partial and all(r >= total // 2 for r in partial)
