@@ -4,7 +4,7 @@ What each number is (bytes of the tensors a cache holds between transformer call
 
 * tokencache: ``handle.stats().cache_bytes``, counted by the engine at the end of the run, right before it frees
   the cache (the module caches never shrink within a run, so the end is the peak). It is checked here against
-  :func:`analytic_bytes`, the count from the state's fields (``tokencache.state.SlotState``).
+  :func:`analytic_bytes`, the count from the state's fields (``tokencache.core.state.SlotState``).
 * diffusers TaylorSeer (installed by ``peers.py``'s own install function, on each block's ``attn1`` and ``ff``):
   the tensors in the ``taylor_factors`` of every hook's ``TaylorSeerState``, found through the modules'
   ``_diffusers_hook`` registries and the hooks' ``state_manager``, read after every transformer call.

@@ -39,7 +39,7 @@ from machine import cpu_name
 from speed import SETTINGS, make_inputs, sample
 
 import tokencache as tc
-from tokencache.shapes import MODEL_SHAPES
+from tokencache.core.shapes import MODEL_SHAPES
 
 RESULTS = Path(__file__).parent / "results"
 # The caches timed per model: the README's ToCa preset (attention score) and FORA.

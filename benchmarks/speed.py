@@ -13,7 +13,7 @@ ratio of process CPU time (``time.process_time``) is recorded beside it (``cpu_s
 machine disturbs less, and each row keeps every repeat's ratios (the spread).
 
 ``tc.apply`` also routes few-row linears (per-step adaLN modulation, timestep embedders) through
-``W @ xᵀ`` on the CPU by default (tokencache.small_linear). So that the table separates that from the cache,
+``W @ xᵀ`` on the CPU by default (tokencache.core.small_linear). So that the table separates that from the cache,
 one more row times the uncached model with only that route, and the last column gives each method's
 measured / FLOPs ratio against that row instead of the stock uncached run. ``--no-small-batch-linear``
 times the caches without the route (and drops the row).
@@ -51,8 +51,8 @@ from machine import cpu_name
 from tqdm import tqdm
 
 import tokencache as tc
+from tokencache.core.shapes import MODEL_SHAPES, build_transformer
 from tokencache.models.flux import official_block_factors
-from tokencache.shapes import MODEL_SHAPES, build_transformer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -149,7 +149,7 @@ def fit_to_blocks(config, transformer: torch.nn.Module):
 
 def num_blocks(transformer: torch.nn.Module) -> int:
     """Blocks tokencache caches (FLUX: dual-stream and single-stream blocks together)."""
-    from tokencache.layouts import find_blocks
+    from tokencache.core.layouts import find_blocks
 
     return len(find_blocks(transformer))
 
@@ -161,8 +161,8 @@ TOKENCACHE_DEFAULTS = dict(budget=0.8, schedule=dict(early_cached_steps=3, late_
 
 
 def tokencache_config(transformer: torch.nn.Module, steps: int) -> tuple[str, tc.TokenCacheConfig]:
+    from tokencache.core.layouts import find_blocks
     from tokencache.demo.runner import shipped_predictor
-    from tokencache.layouts import find_blocks
 
     shipped = shipped_predictor()
     calibration = {k: shipped.calibration[k] for k in TOKENCACHE_DEFAULTS} if shipped else dict(TOKENCACHE_DEFAULTS)

@@ -33,8 +33,8 @@ from speed import SETTINGS, TEXT_TOKENS, make_inputs, sample
 from torch import nn
 
 import tokencache as tc
-from tokencache.layouts import BlockEntry, find_blocks
-from tokencache.shapes import build_transformer
+from tokencache.core.layouts import BlockEntry, find_blocks
+from tokencache.core.shapes import build_transformer
 
 RESULTS = Path(__file__).parent / "results"
 CATEGORIES = ("cached modules", "embedders", "modulation linears", "LayerNorms", "rest of block forward",

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import tokencache as tc
-from tokencache.calibrate import CalibrationConfig, calibrate, class_calls
 from tokencache.demo import DEFAULT_GUIDANCE, load_classifier, load_model
 from tokencache.demo.compare import Method, compare, format_table, to_json
+from tokencache.methods.token_cache_calibration import CalibrationConfig, calibrate, class_calls
 
 RESULTS = Path(__file__).parent / "results"
 TPRR_SWEEP = [tc.TPRR(3, 1, 0.5), tc.TPRR(4, 1, 0.5), tc.TPRR(3, 2, 0.5), tc.TPRR(5, 2, 0.5)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tokencache as tc
-from tokencache.layouts import find_blocks
+from tokencache.core.layouts import find_blocks
 
 from models import tiny_dit, tiny_pixart
 

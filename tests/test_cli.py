@@ -81,8 +81,8 @@ def test_plan_accepts_the_demo_model_like_sample_and_calibrate(capsys):
 
 def test_calibrate_settings_mismatch_names_the_cli_option_before_loading_the_model(tmp_path, monkeypatch, capsys):
     import tokencache.demo as demo
-    from tokencache.calibrate import CHECKPOINT_NAME, CalibrationConfig, class_calls
-    from tokencache.config import TPRR
+    from tokencache.methods.token_cache import TPRR
+    from tokencache.methods.token_cache_calibration import CHECKPOINT_NAME, CalibrationConfig, class_calls
 
     # a checkpoint the default command line would have written, but with --budget 0.5
     config = CalibrationConfig(calls=class_calls(10, 16, 4, seed=0), budget=0.5, schedule=TPRR(3, 2, 0.5))
@@ -114,7 +114,7 @@ def test_loading_the_shipped_model_prints_no_accelerate_warning(tmp_path):
     tiny_dit().save_pretrained(tmp_path / "transformer")
     code = ("import diffusers\n"
             "from tokencache.demo import load_model\n"
-            "from tokencache.shapes import build_transformer\n"
+            "from tokencache.core.shapes import build_transformer\n"
             "before = diffusers.utils.logging.get_verbosity()\n"
             f"load_model(); build_transformer({str(tmp_path)!r})\n"
             "assert diffusers.utils.logging.get_verbosity() == before\n")

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokencache as tc
+from tokencache.core.scores import FORECAST_SCORES, SCORES
 
 junk = st.one_of(st.none(), st.text(max_size=3), st.booleans(), st.lists(st.integers(), max_size=2),
                  st.just(float("nan")), st.just(float("inf")))
@@ -20,7 +21,7 @@ BAD_VALUES = {
     "frequency_weight": st.one_of(junk, st.floats(max_value=-1e-6)),
     "spatial_cell_size": st.one_of(st.text(max_size=2), st.booleans(), st.integers(max_value=0)),
     "spatial_bonus": st.one_of(junk, st.floats(max_value=-1e-6)),
-    "score": st.one_of(st.none(), st.text(max_size=8).filter(lambda s: s not in tc.config.SCORES)),
+    "score": st.one_of(st.none(), st.text(max_size=8).filter(lambda s: s not in SCORES)),
     "cfg_shared_selection": st.one_of(st.none(), st.integers(), st.text(max_size=2)),
     "cache_dtype": st.one_of(st.sampled_from([torch.int8, torch.float64, "float16"]), st.integers()),
     "seed": st.one_of(junk, st.integers(max_value=-1)),
@@ -54,10 +55,10 @@ def test_fora_interval_rejects_bad_values(value):
         tc.FORAConfig(interval=value)
 
 
-@given(st.floats(0, 1), st.integers(1, 10), st.floats(0, 2), st.sampled_from(tc.config.SCORES))
+@given(st.floats(0, 1), st.integers(1, 10), st.floats(0, 2), st.sampled_from(SCORES))
 @settings(max_examples=40, deadline=None)
 def test_valid_configs_are_accepted_and_plan(ratio, interval, weight, score):
-    forecast = tc.ForecastConfig(order=1) if score in tc.config.FORECAST_SCORES else None  # they need one
+    forecast = tc.ForecastConfig(order=1) if score in FORECAST_SCORES else None  # they need one
     config = tc.ToCaConfig(fresh_ratio=ratio, full_step_interval=interval, frequency_weight=weight, score=score,
                            forecast=forecast)
     policy = config.build_policy(20, 4)

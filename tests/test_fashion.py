@@ -11,7 +11,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import tokencache as tc
-from tokencache.config import FORECAST_SCORES, SCORES
+from tokencache.core.scores import FORECAST_SCORES, SCORES
 from tokencache.demo.fashion import (
     FashionMNISTMissing,
     FashionPipeline,

@@ -7,7 +7,7 @@ from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 from torch import nn
 
 import tokencache as tc
-from tokencache.schedule import whole_steps
+from tokencache.core.schedule import whole_steps
 
 from models import tiny_dit, tiny_dit_pipeline
 from test_equivalence import cached_run_and_plan, dit_pipe_run
@@ -219,7 +219,7 @@ def test_tokencache_with_forecast_runs_and_equals_its_plan():
 @pytest.mark.parametrize("preset", ["forecast-n4", "forecast-n6"])
 def test_scalar_fast_path_equals_the_per_token_path(monkeypatch, preset):
     """FORA-style runs take the scalar path (all tokens share their history); it equals the per-token one."""
-    from tokencache.forecast import TokenForecaster
+    from tokencache.core.forecast import TokenForecaster
 
     pipe = tiny_dit_pipeline()
     config = tc.FORAConfig.preset(preset)

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import tokencache as tc
-from tokencache.forecast import (
+from tokencache.core.forecast import (
     TokenForecaster,
     cluster_correction,
     kmeans,
     last_term_size,
     spread_over_clusters,
 )
-from tokencache.state import SlotState
+from tokencache.core.state import SlotState
 
 from models import tiny_dit_pipeline
 from test_equivalence import cached_run_and_plan, dit_pipe_run

@@ -22,7 +22,7 @@ from diffusers.hooks import (
 )
 
 import tokencache as tc
-from tokencache.shapes import build_transformer
+from tokencache.core.shapes import build_transformer
 
 from models import tiny_dit, tiny_dit_pipeline, tiny_vae
 from test_equivalence import ALL_FRESH, cached_run_and_plan, dit_pipe_run
@@ -316,7 +316,7 @@ def test_official_placement_reproduces_published_flops(dit_xl_2, preset, steps, 
 
 
 def test_official_placement_has_mixed_steps_and_relative_is_kept():
-    from tokencache.schedule import ToCaPolicy
+    from tokencache.methods.toca import ToCaPolicy
 
     official = ToCaPolicy(tc.ToCaConfig.preset("dit-ddim50"), 50, 28)
     mixed = [i for i, f in enumerate(official.full_blocks) if 0 < f < 28]
@@ -333,7 +333,7 @@ def test_mixed_step_run_equals_plan_and_block0_is_recomputed():
     """A real run with mixed steps: block 0 runs on every token there, the FLOPs equal the plan's."""
     config = tc.ToCaConfig(full_step_interval=3, interval_ramp=tc.StepRamp(0.6, 0.8, offset=1),
                            full_step_placement="official", score="random")
-    from tokencache.schedule import ToCaPolicy
+    from tokencache.methods.toca import ToCaPolicy
 
     steps = 12
     policy = ToCaPolicy(config, steps, 3)

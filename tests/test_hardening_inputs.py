@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import tokencache as tc
-from tokencache.calibrate import CalibrationConfig
-from tokencache.predictor import MAX_BUDGET
-from tokencache.shapes import build_transformer
+from tokencache.core.shapes import build_transformer
+from tokencache.methods.token_cache import MAX_BUDGET
+from tokencache.methods.token_cache_calibration import CalibrationConfig
 
 from models import tiny_dit
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tokencache as tc
-from tokencache.layouts import find_blocks
-from tokencache.shapes import build_transformer
+from tokencache.core.layouts import find_blocks
+from tokencache.core.shapes import build_transformer
 
 from models import text_embeds, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
 

@@ -7,8 +7,8 @@ import torch
 
 import tokencache as tc
 from test_model_families import Replay, check_rows_mix, record_token_wise_calls
-from tokencache.layouts import find_blocks
-from tokencache.shapes import build_transformer
+from tokencache.core.layouts import find_blocks
+from tokencache.core.shapes import build_transformer
 
 STEPS = 6
 

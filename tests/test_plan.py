@@ -3,7 +3,7 @@
 import pytest
 
 import tokencache as tc
-from tokencache.shapes import build_transformer
+from tokencache.core.shapes import build_transformer
 
 from models import prompt_embeds, tiny_dit_pipeline, tiny_pixart_pipeline
 from test_equivalence import dit_pipe_run, pixart_pipe_run
@@ -49,8 +49,8 @@ def test_toca_counter_is_the_official_per_block_formula(dit_xl_2):
     """The ``toca`` convention, block by block, as the official DiT-ToCa counter writes it (B samples, N tokens,
     C features, h heads): LayerNorms 2BNC, adaLN BC + 6BC², attention with 1 FLOP per query element for the
     scaling, MLP 16BNC² + 6 FLOPs per GELU element."""
-    from tokencache.flops import TOCA_COUNTER, block_overhead_flops, slot_flops
-    from tokencache.layouts import find_blocks
+    from tokencache.core.flops import TOCA_COUNTER, block_overhead_flops, slot_flops
+    from tokencache.core.layouts import find_blocks
 
     b, n, c, h = 2, 256, 1152, 16
     block = find_blocks(dit_xl_2)[0]

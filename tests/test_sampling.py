@@ -389,7 +389,7 @@ class _Scripted:
 def test_sample_times_batches_in_cpu_time_and_flags_disagreement(busy: bool, model_dir: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture) -> None:
-    from tokencache.timing import Clocks
+    from tokencache.core.timing import Clocks
 
     # three batches (4, 4 and 2 samples); the wall clock is what a busy machine gives, the CPU clock decides
     cpu = [4.0, 12.0 if busy else 4.2, 2.0]

@@ -7,11 +7,11 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import tokencache as tc
-from tokencache.processors import ScoringAttnProcessor
-from tokencache.schedule import ToCaPolicy, fresh_tokens, toca_full_steps
-from tokencache.scores import frequency_term, score_from_raw, spatial_bonus
-from tokencache.selection import ToCaSelector
-from tokencache.state import SlotState, StepContext, StreamState
+from tokencache.core.processors import ScoringAttnProcessor
+from tokencache.core.schedule import fresh_tokens
+from tokencache.core.scores import frequency_term, score_from_raw, spatial_bonus
+from tokencache.core.state import SlotState, StepContext, StreamState
+from tokencache.methods.toca import ToCaPolicy, ToCaSelector, toca_full_steps
 
 from models import tiny_dit
 

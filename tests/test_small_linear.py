@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokencache as tc
-from tokencache.small_linear import SMALL_LINEAR_HOOK
+from tokencache.core.small_linear import SMALL_LINEAR_HOOK
 
 from models import tiny_dit_pipeline
 from test_equivalence import dit_pipe_run

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from tokencache.config import FORAConfig
+from tokencache.core.timing import TOLERANCE, Clocks, Timing, speedup_spread, timed, timing_problems
 from tokencache.demo import runner
 from tokencache.demo.compare import Method, compare, format_table
-from tokencache.timing import TOLERANCE, Clocks, Timing, speedup_spread, timed, timing_problems
+from tokencache.methods.fora import FORAConfig
 
 
 class Scripted:

@@ -7,9 +7,15 @@ import pytest
 import torch
 
 import tokencache as tc
-from tokencache.calibrate import CalibrationConfig, _Relaxation, calibrate, class_calls, record_trajectories
-from tokencache.layouts import find_blocks
-from tokencache.predictor import allocate_block_ratios
+from tokencache.core.layouts import find_blocks
+from tokencache.methods.token_cache import allocate_block_ratios
+from tokencache.methods.token_cache_calibration import (
+    CalibrationConfig,
+    _Relaxation,
+    calibrate,
+    class_calls,
+    record_trajectories,
+)
 
 from models import tiny_dit, tiny_dit_pipeline, tiny_pixart
 from test_equivalence import cached_run_and_plan, dit_kwargs, dit_pipe_run, hand_loop
@@ -224,7 +230,7 @@ def test_user_calibration_records_the_shipped_ranking_and_budget(tmp_path):
 
 
 def test_checkpoint_with_other_settings_fails_before_any_sampling(tmp_path, monkeypatch):
-    from tokencache.calibrate import CheckpointMismatchError
+    from tokencache.methods.token_cache_calibration import CheckpointMismatchError
 
     base = dict(calls=class_calls(10, 2, 2, output_type="np"), num_steps=4, iterations=2, progress=False,
                 schedule=tc.TPRR(1, 1, 0.5), checkpoint_dir=str(tmp_path), checkpoint_every=1,

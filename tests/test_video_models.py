@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokencache as tc
-from tokencache.layouts import canonical_tokens, find_blocks
+from tokencache.core.layouts import canonical_tokens, find_blocks
 
 from models import _perturbed, tiny_vae
 
@@ -249,7 +249,7 @@ def test_latte_rejects_what_it_cannot_share_before_any_work(latte) -> None:
 
 
 def test_latte_1_plan() -> None:
-    from tokencache.shapes import build_transformer
+    from tokencache.core.shapes import build_transformer
 
     transformer = build_transformer("latte-1")
     assert len(find_blocks(transformer)) == 56

@@ -7,18 +7,18 @@
     handle.remove()
 """
 
-from . import models as _models  # noqa: F401  (registers the model families' layouts and shapes)
-from . import presets as _presets  # noqa: F401  (registers the official settings)
-from .calibrate import CalibrationConfig, calibrate, class_calls
-from .compile import compile
-from .config import TPRR, BlockFactors, DepthRamp, FORAConfig, StepRamp, ToCaConfig, TokenCacheConfig
-from .forecast import ForecastConfig
-from .handle import CacheHandle, CacheStats, apply
-from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
-from .plan import Plan, plan
-from .predictor import TokenCachePredictor
-from .presets import preset, presets
-from .small_linear import SmallBatchLinearConfig, SmallBatchLinearHandle, apply_small_batch_linear
+from . import models as _models  # noqa: F401  (registers the model families' layouts, shapes and presets)
+from .core.compile import compile
+from .core.forecast import ForecastConfig
+from .core.handle import CacheHandle, CacheStats, apply
+from .core.layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
+from .core.plan import Plan, plan
+from .core.presets import preset, presets
+from .core.small_linear import SmallBatchLinearConfig, SmallBatchLinearHandle, apply_small_batch_linear
+from .methods.fora import FORAConfig
+from .methods.toca import BlockFactors, DepthRamp, StepRamp, ToCaConfig
+from .methods.token_cache import TPRR, TokenCacheConfig, TokenCachePredictor
+from .methods.token_cache_calibration import CalibrationConfig, calibrate, class_calls
 
 __version__ = "0.1.0"
 

@@ -7,12 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from . import sampling
-from .calibrate import CalibrationConfig
-from .config import TOKEN_SELECTIONS
-from .flops import FLOP_CONVENTIONS
-from .plan import plan
-from .presets import preset, presets
-from .shapes import MODEL_SHAPES, PLAN_DEFAULTS, build_transformer
+from .core.flops import FLOP_CONVENTIONS
+from .core.plan import plan
+from .core.presets import preset, presets
+from .core.shapes import MODEL_SHAPES, PLAN_DEFAULTS, build_transformer
+from .methods.token_cache import TOKEN_SELECTIONS
+from .methods.token_cache_calibration import CalibrationConfig
 
 _CALIBRATION_DEFAULTS = CalibrationConfig()
 
@@ -92,8 +92,14 @@ def _cmd_train_fashion(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import CalibrationConfig, CheckpointMismatchError, calibrate, class_calls, load_checkpoint
-    from .config import TPRR
+    from .methods.token_cache import TPRR
+    from .methods.token_cache_calibration import (
+        CalibrationConfig,
+        CheckpointMismatchError,
+        calibrate,
+        class_calls,
+        load_checkpoint,
+    )
 
     # every setting and the resume checkpoint are checked before the model is loaded or anything sampled
     k1, k2, boundary = args.tprr

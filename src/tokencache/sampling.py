@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .timing import DEFAULT_CLOCKS, spread, timed
+from .core.timing import DEFAULT_CLOCKS, spread, timed
 
 __all__ = [
     "INDEX_FILE",
@@ -287,7 +287,7 @@ def _load_pipeline(spec: _ModelSpec, device: torch.device) -> Any:
     else:
         from diffusers import DiffusionPipeline
 
-        from ._loading import load_kwargs
+        from .core.loading import load_kwargs
 
         pipe = DiffusionPipeline.from_pretrained(spec.path, **load_kwargs()).to(device)
         params = inspect.signature(pipe.__call__).parameters
@@ -436,7 +436,7 @@ def _positive_int(text: str) -> int:
 
 
 def _method_choices() -> list[str]:
-    from .presets import presets
+    from .core.presets import presets
 
     return ["none", *sorted(presets())]
 
@@ -444,7 +444,7 @@ def _method_choices() -> list[str]:
 def _build_config(method: str) -> Any | None:
     if method == "none":
         return None
-    from .presets import preset
+    from .core.presets import preset
 
     return preset(method)
 
@@ -514,7 +514,7 @@ def _merge_stats(out: Path, num_batches: int, batch_size: int) -> dict[str, Any]
     """Totals over the latest statistics entry of each batch; the caller checks they cover every batch.
 
     ``timing``: the process CPU seconds per sample over the full-size batches, median and spread, with
-    ``consistent`` False when batches disagree beyond the tolerance of :mod:`tokencache.timing` (the same work
+    ``consistent`` False when batches disagree beyond the tolerance of :mod:`tokencache.core.timing` (the same work
     should take the same CPU time; wall-clock seconds also count other programs' turns on the CPU)."""
     latest = _latest_stats(out, num_batches)
     caches = [e["cache"] for e in latest.values() if e.get("cache")]
@@ -627,7 +627,7 @@ def _sample_distributed(args: argparse.Namespace, spec: _ModelSpec, config: Any 
                         out: Path, world: _Dist) -> int:
     from tqdm.auto import tqdm
 
-    from .handle import apply
+    from .core.handle import apply
 
     pipe = _load_pipeline(spec, _device(args.device, world))
     if config is not None:  # the cache must fit the model: check before any sampling

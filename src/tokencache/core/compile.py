@@ -12,7 +12,7 @@ guard), and ``tc.compile`` compiles around them:
   in place, as ``transformer.compile()`` does: its graphs end at the cache's hooks, and each block reuses the
   first block's graphs.
 
-The second part is skipped while tc.apply's few-row linear route (:mod:`tokencache.small_linear`, CPU only)
+The second part is skipped while tc.apply's few-row linear route (:mod:`tokencache.core.small_linear`, CPU only)
 is on: diffusers' hooks make a hooked module's ``forward`` an instance attribute, which dynamo guards by
 identity, so with the route's hooks in every block's adaLN each block's forward would compile anew until
 ``torch._dynamo.config.recompile_limit`` (8) is hit, and the blocks after that would run eagerly.

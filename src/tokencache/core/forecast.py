@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from .config import CACHE_DTYPES, _fail, check_number
+from .validation import CACHE_DTYPES, check_number, field_error
 
 ForecastAxis = Literal["step", "timestep"]
 FORECAST_AXES: tuple[str, ...] = ("step", "timestep")
@@ -62,16 +62,22 @@ class ForecastConfig:
         cls = type(self)
         check_number(cls, "order", self.order, 0, 4, integer=True)
         if self.axis not in FORECAST_AXES:
-            raise _fail(cls, "axis", f"one of {FORECAST_AXES}", self.axis)
+            raise field_error(cls, "axis", f"one of {FORECAST_AXES}", self.axis)
         if self.dtype is not None and self.dtype not in CACHE_DTYPES:
-            raise _fail(cls, "dtype", "None (the cache's dtype) or one of torch.float32, torch.float16, "
-                        "torch.bfloat16", self.dtype)
+            raise field_error(cls, "dtype", "None (the cache's dtype) or one of torch.float32, torch.float16, "
+                              "torch.bfloat16", self.dtype)
         if self.expansion not in EXPANSIONS:
-            raise _fail(cls, "expansion", f"one of {EXPANSIONS}", self.expansion)
+            raise field_error(cls, "expansion", f"one of {EXPANSIONS}", self.expansion)
         check_number(cls, "clusters", self.clusters, 0, 256, integer=True)
         check_number(cls, "cluster_weight", self.cluster_weight, 0.0, 1.0)
         if self.token_update not in TOKEN_UPDATES:
-            raise _fail(cls, "token_update", f"one of {TOKEN_UPDATES}", self.token_update)
+            raise field_error(cls, "token_update", f"one of {TOKEN_UPDATES}", self.token_update)
+
+
+def check_forecast(cls: type, value: Any) -> None:
+    """The ``forecast`` field of a method's config: ``None`` or a :class:`ForecastConfig`."""
+    if value is not None and not isinstance(value, ForecastConfig):
+        raise field_error(cls, "forecast", "None or a ForecastConfig", value)
 
 
 def forecast_flops(config: ForecastConfig | None, full: bool, rows: int, num_tokens: int, width: int,
@@ -100,7 +106,7 @@ def forecast_flops(config: ForecastConfig | None, full: bool, rows: int, num_tok
 
 
 class TokenForecaster:
-    """The forecasting arithmetic on one module's cache (:class:`tokencache.state.SlotState`).
+    """The forecasting arithmetic on one module's cache (:class:`tokencache.core.state.SlotState`).
 
     Per token the state keeps ``derivatives`` (the differences of orders 1..m), ``positions`` (B, n, m): the
     positions of its last ``m`` computations, newest first, and ``history``: how many computations it has had

@@ -175,7 +175,7 @@ def apply(target: Any, config: Any,
 
     ``small_batch_linear``: also compute the transformer's conditioning linears (outside the attention and
     MLP modules: the per-step adaLN modulation and timestep embedders, one row per sample) as ``W @ xᵀ``
-    on the CPU, which a cache makes a large share of each step (see :mod:`tokencache.small_linear`);
+    on the CPU, which a cache makes a large share of each step (see :mod:`tokencache.core.small_linear`);
     ``None`` leaves them to PyTorch.
     """
     if isinstance(config, type) or not hasattr(config, "build_policy"):

@@ -21,7 +21,6 @@ PartialMode = Literal["rows", "queries", "whole"]
 TokenSet = Literal["image", "text", "joint"]
 TokenGroups = Literal["sample", "frame", "position"]
 TOKEN_GROUPS: tuple[str, ...] = ("sample", "frame", "position")
-ATTENTION_SCORES: tuple[str, ...] = ("attention", "value_norm", "cross_attention_entropy")
 SHARED_SELECTION_SCORES: tuple[str, ...] = ("random", "similarity")
 
 # (module, rows recomputed, tokens the module sees, text tokens passed to it) -> FLOPs of one sample

@@ -64,7 +64,7 @@ class Plan:
     forecast_flops: int = 0
     """Element-wise work of forecasting stale tokens, included in ``flops``."""
     counting: str = "engine"
-    """The FLOP convention of ``flops`` (:mod:`tokencache.flops`): ``engine``, ``toca`` (the official
+    """The FLOP convention of ``flops`` (:mod:`tokencache.core.flops`): ``engine``, ``toca`` (the official
     DiT-ToCa counter) or ``toca-flux`` (the official FLUX ToCa code's)."""
 
     @property
@@ -115,9 +115,9 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     tokens per sample) defaults to the one the model's ``sample_size`` gives; ``context_tokens`` (text tokens)
     to the model family's usual caption length (PixArt-alpha 120, FLUX 512). ``counting="engine"`` counts FLOPs
     as a real run's statistics do; ``"toca"`` as the official DiT-ToCa code's counter, the one behind the ToCa
-    paper's DiT figures (same schedule, other per-element costs: see :data:`tokencache.flops.TOCA_COUNTER`);
+    paper's DiT figures (same schedule, other per-element costs: see :data:`tokencache.core.flops.TOCA_COUNTER`);
     ``"toca-flux"`` as the official FLUX ToCa code, which also recomputes the joint attention's output
-    projections at partial steps (:data:`tokencache.flops.TOCA_FLUX_COUNTER`).
+    projections at partial steps (:data:`tokencache.core.flops.TOCA_FLUX_COUNTER`).
     Video models: ``num_tokens`` counts every frame's tokens and ``num_frames`` (default: the model's typical
     latent frames) splits them, for blocks that run on frames or on positions (Latte, OpenSora)."""
     _check_count("num_steps", num_steps, 1)

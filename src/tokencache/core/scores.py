@@ -7,8 +7,17 @@ adds the cache-frequency term and the spatial bonus, and takes the top ``k`` per
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+ScoreName = Literal["attention", "cross_attention_entropy", "value_norm", "similarity", "random", "forecast_error",
+                    "forecast_term"]
+SCORES: tuple[str, ...] = ("attention", "cross_attention_entropy", "value_norm", "similarity", "random",
+                           "forecast_error", "forecast_term")
+FORECAST_SCORES: tuple[str, ...] = ("forecast_error", "forecast_term")
+"""The scores that rank tokens by their forecast (they need ``forecast`` on)."""
 
 # Scores whose raw statistic is computed inside an attention module on full steps.
 SCORES_FROM_ATTENTION = {"attention": "self_attn", "value_norm": "self_attn", "cross_attention_entropy": "cross_attn"}

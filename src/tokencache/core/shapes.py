@@ -49,6 +49,6 @@ def build_transformer(name_or_path: str, device: str | torch.device = "meta",
         with torch.device("meta"):
             model = cls.from_config(config).eval()
         return model if dtype == torch.float32 else model.to(dtype)
-    from ._loading import load_kwargs
+    from .loading import load_kwargs
 
     return cls.from_pretrained(path, torch_dtype=dtype, **load_kwargs()).to(device).eval()

@@ -19,9 +19,9 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from .config import check_number
 from .hooks import HookInstaller, resolve_target
 from .layouts import BlockEntry, find_blocks
+from .validation import check_number
 
 SMALL_LINEAR_HOOK = "tokencache_small_linear"
 

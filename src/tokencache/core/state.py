@@ -54,7 +54,7 @@ class SlotState:
 
 @dataclass
 class SharedSelection:
-    """With :attr:`tokencache.layouts.ModelLayout.shared_selection`: the fresh tokens of one stream, chosen once
+    """With :attr:`tokencache.core.layouts.ModelLayout.shared_selection`: the fresh tokens of one stream, chosen once
     per transformer call over each sample's canonical tokens (frame-major for video) and read by every block."""
 
     steps_since_fresh: torch.Tensor

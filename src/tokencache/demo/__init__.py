@@ -50,7 +50,7 @@ def load_pipeline_from(folder: str | Path, device: str | torch.device = "cpu") -
     """Build a :class:`DigitsPipeline` from ``folder/transformer`` and ``folder/scheduler`` (DDIM)."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-    from .._loading import load_kwargs
+    from ..core.loading import load_kwargs
 
     folder = Path(folder)
     transformer = DiTTransformer2DModel.from_pretrained(folder / "transformer", **load_kwargs())

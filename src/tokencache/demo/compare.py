@@ -1,7 +1,7 @@
 """Side-by-side comparison of caching methods on the shipped digits model (``tokencache demo`` and
 ``benchmarks/frontier.py``): the same seeds and classes for every method, fidelity against the uncached run
 of the same sampler, distribution quality against held-out real digits, and cost (FLOPs, and process CPU time
-and wall-clock interleaved with the uncached run: median and range over rounds, see :mod:`tokencache.timing`)."""
+and wall-clock interleaved with the uncached run: median and range over rounds, see :mod:`tokencache.core.timing`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from ..handle import apply
+from ..core.handle import apply
+from ..core.timing import TOLERANCE, Clocks, Timing, speedup_spread, timed, timing_problems
 from ..metrics import class_accuracy, frechet_distance, psnr, ssim
-from ..timing import TOLERANCE, Clocks, Timing, speedup_spread, timed, timing_problems
 from .data import load_digits_split
 from .pipeline import DEFAULT_GUIDANCE
 
@@ -97,7 +97,7 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
     Timing is interleaved in rounds, per sampler: the uncached reference run, then one run of each method; a
     method's speed-up is the median over rounds of (reference seconds / its seconds) within the round, for the
     process CPU time (``cpu_speedup``, with its range over rounds: load barely moves it, see
-    :mod:`tokencache.timing`) and the wall clock (``measured_speedup``). Quality compares each method's images
+    :mod:`tokencache.core.timing`) and the wall clock (``measured_speedup``). Quality compares each method's images
     (the same in every round) with the reference's. A no-cache row is timed like any other, so its speed-up
     (about 1) shows the timing noise of the machine. ``timing_warnings`` lists why a row's CPU-time speed-up
     should not be believed (rounds disagreeing by more than ``tolerance``, an uncached row off 1x).
@@ -184,8 +184,8 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
 
 def uncached_flops(pipe: Any, steps: int, labels: list[int], guidance: float) -> int:
     """FLOPs of an uncached run (the plan of a schedule with a full step every step)."""
-    from ..config import FORAConfig
-    from ..plan import plan
+    from ..core.plan import plan
+    from ..methods.fora import FORAConfig
 
     batch = len(labels) * (2 if guidance > 1 else 1)
     return plan(FORAConfig(interval=1), pipe.transformer, steps, batch_size=batch).flops

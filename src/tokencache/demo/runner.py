@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from ..config import FORAConfig, ToCaConfig, TokenCacheConfig
-from ..timing import TOLERANCE, Clocks
+from ..core.timing import TOLERANCE, Clocks
+from ..methods.fora import FORAConfig
+from ..methods.toca import ToCaConfig
+from ..methods.token_cache import TokenCacheConfig
 from . import DEFAULT_GUIDANCE, assets_dir, load_classifier, load_model
 from .compare import Method, compare, format_table, real_data_floor, timing_warnings, write_outputs
 
@@ -19,7 +21,7 @@ PREDICTOR_FOLDER = "tokencache-predictor"
 
 def shipped_predictor():
     """The TokenCache predictor calibrated for the shipped model, or None if the package has none."""
-    from ..predictor import TokenCachePredictor
+    from ..methods.token_cache import TokenCachePredictor
 
     folder = assets_dir() / PREDICTOR_FOLDER
     return TokenCachePredictor.from_pretrained(folder) if folder.is_dir() else None

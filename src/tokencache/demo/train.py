@@ -15,7 +15,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from tqdm.auto import tqdm
 
-from .._loading import load_kwargs
+from ..core.loading import load_kwargs
 from .classifier import DigitClassifier, save_classifier
 from .data import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 

@@ -1,84 +1,40 @@
-"""Typed, validated configurations for the caching methods.
+"""ToCa: training-free token-wise caching (ICLR 2025), with its configuration, its full-step schedules (the
+relative one, and the official DiT and OpenSora placements), its fresh-ratio policy and its token selection.
 
-Every field is checked when the config is built; a bad value raises ``ValueError`` naming the field
-and what is allowed, before any model work starts.
+The official settings of the papers' code for a model family are registered by that family's file in
+``models/`` (DiT and PixArt: ``models/dit.py``); step and depth formulas are in this project's convention: step
+``i = 0`` is the first (noisiest) step, block ``l = 0`` the first block.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 
-from .layouts import MODULE_KINDS
+from ..core.forecast import TokenForecaster, check_forecast, last_term_size, spread_over_clusters
+from ..core.layouts import MODULE_KINDS
+from ..core.presets import PresetMixin, Presets
+from ..core.schedule import whole_steps
+from ..core.scores import (
+    FORECAST_SCORES,
+    SCORES,
+    SCORES_FROM_ATTENTION,
+    ScoreName,
+    frequency_term,
+    score_from_raw,
+    spatial_bonus,
+    topk_tokens,
+)
+from ..core.state import SharedSelection, SlotState, StepContext, StreamState
+from ..core.validation import check_cache_dtype, check_number, field_error
 
-ScoreName = Literal["attention", "cross_attention_entropy", "value_norm", "similarity", "random", "forecast_error",
-                    "forecast_term"]
-SCORES: tuple[str, ...] = ("attention", "cross_attention_entropy", "value_norm", "similarity", "random",
-                           "forecast_error", "forecast_term")
-FORECAST_SCORES: tuple[str, ...] = ("forecast_error", "forecast_term")
 FULL_STEP_PLACEMENTS: tuple[str, ...] = ("relative", "official", "periodic")
-CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _fail(cls: type, name: str, allowed: str, value: Any) -> ValueError:
-    return ValueError(f"{cls.__name__}.{name} must be {allowed}; got {value!r}")
-
-
-def _short(value: Any) -> Any:
-    """``value`` for an error message: a huge integer as its magnitude, not hundreds of digits."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
-        return _Magnitude(value)
-    return value
-
-
-class _Magnitude:
-    def __init__(self, value: int) -> None:
-        self.text = f"{'-' if value < 0 else ''}an integer of {len(str(abs(value)))} digits"
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def check_number(cls: type, name: str, value: Any, lo: float | None = None, hi: float | None = None,
-                 integer: bool = False, lo_open: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite (integer) number in the given range."""
-    kinds = (int,) if integer else (int, float)
-    bounds = []
-    if lo is not None:
-        bounds.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        bounds.append(f"<= {hi}")
-    allowed = ("an integer" if integer else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise _fail(cls, name, allowed, value)
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float: no field means such a value, and maths on it overflows
-        finite = False
-    if not finite:
-        raise _fail(cls, name, allowed + " (within float range)", _short(value))
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise _fail(cls, name, allowed, value)
-    if hi is not None and value > hi:
-        raise _fail(cls, name, allowed, value)
-
-
-def check_cache_dtype(cls: type, value: Any) -> None:
-    if value is not None and value not in CACHE_DTYPES:
-        raise _fail(cls, "cache_dtype", "None (the model's dtype) or one of torch.float32, torch.float16, "
-                    "torch.bfloat16", value)
-
-
-def _check_forecast(cls: type, value: Any) -> None:
-    from .forecast import ForecastConfig  # forecast.py reuses this module's checks
-
-    if value is not None and not isinstance(value, ForecastConfig):
-        raise _fail(cls, "forecast", "None or a ForecastConfig", value)
 
 
 @dataclass(frozen=True)
@@ -128,7 +84,7 @@ class BlockFactors:
 
     def __post_init__(self) -> None:
         if not isinstance(self.factors, tuple) or not self.factors:
-            raise _fail(BlockFactors, "factors", "a non-empty tuple of numbers >= 0", self.factors)
+            raise field_error(BlockFactors, "factors", "a non-empty tuple of numbers >= 0", self.factors)
         for i, value in enumerate(self.factors):
             check_number(BlockFactors, f"factors[{i}]", value, 0.0)
 
@@ -136,23 +92,6 @@ class BlockFactors:
         if num_blocks != len(self.factors):
             raise ValueError(f"BlockFactors has {len(self.factors)} factors but the model has {num_blocks} blocks")
         return self.factors[block]
-
-
-class PresetMixin:
-    """``Config.preset(name)`` and the listing behind ``tc.presets()``."""
-
-    _PRESETS: ClassVar[dict[str, tuple[str, dict[str, Any]]]]
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any):
-        """The official settings registered under ``name``; keyword arguments override fields."""
-        if name not in cls._PRESETS:
-            owner = next((c for c in PresetMixin.__subclasses__() if name in getattr(c, "_PRESETS", {})), None)
-            hint = (f": {name!r} is a {owner.__name__} preset, use {owner.__name__}.preset({name!r}) or "
-                    f"tc.preset({name!r})") if owner is not None else ""
-            raise ValueError(f"{cls.__name__}.preset name must be one of {sorted(cls._PRESETS)}; got {name!r}{hint}")
-        _, values = cls._PRESETS[name]
-        return cls(**{**values, **overrides})
 
 
 @dataclass(frozen=True)
@@ -219,7 +158,7 @@ class ToCaConfig(PresetMixin):
     """A :class:`tokencache.ForecastConfig`: stale tokens get the Taylor expansion of their own history instead
     of their cached value; ``None`` reuses it."""
 
-    _PRESETS: ClassVar[dict[str, tuple[str, dict[str, Any]]]] = {}
+    _PRESETS: ClassVar[Presets] = {}
 
     def __post_init__(self) -> None:
         cls = type(self)
@@ -228,12 +167,13 @@ class ToCaConfig(PresetMixin):
                             ("interval_ramp", (StepRamp,))):
             if not isinstance(getattr(self, name), kinds):
                 names = " or ".join(f"a {k.__name__}" for k in kinds)
-                raise _fail(cls, name, names, getattr(self, name))
+                raise field_error(cls, name, names, getattr(self, name))
         if not isinstance(self.module_ratio, Mapping):
-            raise _fail(cls, "module_ratio", f"a mapping with keys from {MODULE_KINDS}", self.module_ratio)
+            raise field_error(cls, "module_ratio", f"a mapping with keys from {MODULE_KINDS}", self.module_ratio)
         for key, value in self.module_ratio.items():
             if key not in MODULE_KINDS:
-                raise _fail(cls, "module_ratio", f"a mapping with keys from {MODULE_KINDS}", dict(self.module_ratio))
+                raise field_error(cls, "module_ratio", f"a mapping with keys from {MODULE_KINDS}",
+                                  dict(self.module_ratio))
             check_number(cls, f"module_ratio[{key!r}]", value, 0.0)
         object.__setattr__(self, "module_ratio", MappingProxyType(dict(self.module_ratio)))
         check_number(cls, "full_step_interval", self.full_step_interval, 1, integer=True)
@@ -247,226 +187,246 @@ class ToCaConfig(PresetMixin):
                 except ValueError:
                     ok = False
             if not ok or window[0] >= window[1]:
-                raise _fail(cls, "sensitive_window", "None or a tuple (a, b) with 0 <= a < b <= 1", window)
+                raise field_error(cls, "sensitive_window", "None or a tuple (a, b) with 0 <= a < b <= 1", window)
         check_number(cls, "sensitive_interval", self.sensitive_interval, 1, integer=True)
         check_number(cls, "first_full_steps", self.first_full_steps, 1, integer=True)
         allowed = f"a mapping from keys of {MODULE_KINDS} to integers >= 1"
         if not isinstance(self.module_intervals, Mapping):
-            raise _fail(cls, "module_intervals", allowed, self.module_intervals)
+            raise field_error(cls, "module_intervals", allowed, self.module_intervals)
         for key, value in self.module_intervals.items():
             if key not in MODULE_KINDS:
-                raise _fail(cls, "module_intervals", allowed, dict(self.module_intervals))
+                raise field_error(cls, "module_intervals", allowed, dict(self.module_intervals))
             check_number(cls, f"module_intervals[{key!r}]", value, 1, integer=True)
         object.__setattr__(self, "module_intervals", MappingProxyType(dict(self.module_intervals)))
         if self.full_step_placement not in FULL_STEP_PLACEMENTS:
-            raise _fail(cls, "full_step_placement", f"one of {FULL_STEP_PLACEMENTS}", self.full_step_placement)
+            raise field_error(cls, "full_step_placement", f"one of {FULL_STEP_PLACEMENTS}", self.full_step_placement)
         if self.score not in SCORES:
-            raise _fail(cls, "score", f"one of {SCORES}", self.score)
+            raise field_error(cls, "score", f"one of {SCORES}", self.score)
         if self.score in FORECAST_SCORES and (self.forecast is None or self.forecast.order == 0):
-            raise _fail(cls, "score", "a score other than forecast_error / forecast_term when forecast is off "
+            raise field_error(cls, "score", "a score other than forecast_error / forecast_term when forecast is off "
                         "(they rank tokens by their forecast)", self.score)
         check_number(cls, "frequency_weight", self.frequency_weight, 0.0)
         if self.spatial_cell_size is not None:
             check_number(cls, "spatial_cell_size", self.spatial_cell_size, 1, integer=True)
         check_number(cls, "spatial_bonus", self.spatial_bonus, 0.0)
         if not isinstance(self.cfg_shared_selection, bool):
-            raise _fail(cls, "cfg_shared_selection", "True or False", self.cfg_shared_selection)
+            raise field_error(cls, "cfg_shared_selection", "True or False", self.cfg_shared_selection)
         check_cache_dtype(cls, self.cache_dtype)
         check_number(cls, "seed", self.seed, 0, integer=True)
         check_number(cls, "score_chunk_size", self.score_chunk_size, 1, integer=True)
-        _check_forecast(cls, self.forecast)
+        check_forecast(cls, self.forecast)
 
     @property
     def partial_modules(self) -> tuple[str, ...]:
         """Module types recomputed on fresh tokens at partial steps (the others are reused whole)."""
         return tuple(k for k in MODULE_KINDS if self.module_ratio.get(k, 0.0) > 0)
 
-    def build_policy(self, num_steps: int, num_blocks: int):
-        from .schedule import ToCaPolicy
-
+    def build_policy(self, num_steps: int, num_blocks: int) -> ToCaPolicy:
         return ToCaPolicy(self, num_steps, num_blocks)
 
-    def build_selector(self):
-        from .selection import ToCaSelector
-
+    def build_selector(self) -> ToCaSelector:
         return ToCaSelector(self)
 
 
-@dataclass(frozen=True)
-class FORAConfig(PresetMixin):
-    """FORA: a full step every ``interval`` steps; in between every module output is reused whole."""
-
-    interval: int = 3
-    """Steps between full steps (1 = no caching)."""
-    cache_dtype: torch.dtype | None = None
-    """Storage dtype of the caches; ``None`` keeps the model's dtype."""
-    forecast: Any = None
-    """A :class:`tokencache.ForecastConfig`: between full steps every module's output is forecast from its last
-    computations (a module-level TaylorSeer) instead of reused; ``None`` reuses it."""
-    first_full_steps: int = 1
-    """Leading steps that are always full (warm-up: a forecast needs ``order + 1`` computations)."""
-    last_full_steps: int = 0
-    """Trailing steps that are always full (the last steps decide the fine detail of the sample)."""
-
-    _PRESETS: ClassVar[dict[str, tuple[str, dict[str, Any]]]] = {}
-
-    def __post_init__(self) -> None:
-        check_number(type(self), "interval", self.interval, 1, integer=True)
-        check_cache_dtype(type(self), self.cache_dtype)
-        _check_forecast(type(self), self.forecast)
-        check_number(type(self), "first_full_steps", self.first_full_steps, 1, integer=True)
-        check_number(type(self), "last_full_steps", self.last_full_steps, 0, integer=True)
-
-    def build_policy(self, num_steps: int, num_blocks: int):
-        from .schedule import FORAPolicy
-
-        return FORAPolicy(self, num_steps, num_blocks)
-
-    def build_selector(self) -> None:
-        return None  # FORA recomputes no tokens on cached steps
+def toca_interval(config: ToCaConfig, step: int, num_steps: int) -> int:
+    """Steps from a full step at ``step`` to the next one: ``round(N / interval_ramp(i))``, or
+    ``sensitive_interval`` inside ``sensitive_window``."""
+    divisor = config.interval_ramp(step, num_steps)
+    if divisor <= 0:
+        raise ValueError(f"ToCaConfig.interval_ramp must stay > 0 over the run; it is {divisor:.3g} at step "
+                         f"{step} of {num_steps}")
+    window = config.sensitive_window
+    if window is not None and window[0] <= step / num_steps < window[1]:
+        return config.sensitive_interval
+    return max(1, round(config.full_step_interval / divisor))
 
 
-@dataclass(frozen=True)
-class TPRR:
-    """Two-Phase Round-Robin step schedule: a full step, then ``early_cached_steps`` cached steps, repeated
-    while the progress ``i / T`` is below ``boundary``; after it, ``late_cached_steps`` cached steps per full
-    step. Equal phases give a fixed interval. The defaults won the sweep on the shipped digits DiT at ToCa N=4's
-    FLOPs (DDIM-50): 41.6 dB PSNR against 38.2 for (5, 2) and 38.9 for a fixed interval (2, 2); (3, 1) and
-    (4, 1) cannot reach that speed-up (benchmarks/results/tokencache-ablation.md)."""
-
-    early_cached_steps: int = 3
-    """K1: cached steps after each full step in the early (high-noise) phase."""
-    late_cached_steps: int = 2
-    """K2: cached steps after each full step in the late phase."""
-    boundary: float = 0.5
-    """Progress at which the late phase starts, in [0, 1]."""
-
-    def __post_init__(self) -> None:
-        check_number(TPRR, "early_cached_steps", self.early_cached_steps, 0, integer=True)
-        check_number(TPRR, "late_cached_steps", self.late_cached_steps, 0, integer=True)
-        check_number(TPRR, "boundary", self.boundary, 0.0, 1.0)
-
-    def full_steps(self, num_steps: int) -> tuple[bool, ...]:
-        full: list[bool] = []
-        next_full = 0
-        for step in range(num_steps):
-            is_full = step >= next_full
-            if is_full:
-                early = step / num_steps < self.boundary
-                next_full = step + 1 + (self.early_cached_steps if early else self.late_cached_steps)
-            full.append(is_full)
-        return tuple(full)
+def toca_full_steps(config: ToCaConfig, num_steps: int) -> tuple[bool, ...]:
+    """Full steps of ToCa with ``full_step_placement="relative"``: the leading ``first_full_steps``, then each
+    full step schedules the next one ``toca_interval`` steps later (decided once per step, for the whole step)."""
+    for step in (0, num_steps - 1):  # the ramp is linear: its ends bound it
+        toca_interval(config, step, num_steps)
+    full: list[bool] = []
+    next_full = 0
+    for step in range(num_steps):
+        is_full = step < config.first_full_steps or step >= next_full
+        if is_full:
+            next_full = step + toca_interval(config, step, num_steps)
+        full.append(is_full)
+    return tuple(full)
 
 
-TOKEN_SELECTIONS: tuple[str, ...] = ("predictor", *SCORES)
+def toca_official_full_blocks(config: ToCaConfig, num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    """Full blocks per step with ``full_step_placement="official"``, as the official DiT-ToCa code places them.
+
+    That code counts steps down, ``s = T - 1 - i``, and a block is full when ``s`` is a multiple of the interval
+    last computed (so full steps sit at fixed positions and the last step is always full). Each full block
+    recomputes the interval from the current step, and the next block tests ``s`` against the new value: when
+    block 0 is full but ``s`` is no multiple of the new interval, the other blocks of that step are partial
+    (a "mixed" step)."""
+    for step in (0, num_steps - 1):
+        toca_interval(config, step, num_steps)
+    interval = config.full_step_interval
+    full_blocks: list[int] = []
+    for step in range(num_steps):
+        countdown = num_steps - 1 - step
+        full = 0
+        for _ in range(num_blocks):
+            if not (step < config.first_full_steps or countdown % interval == 0):
+                break
+            interval = toca_interval(config, step, num_steps)
+            full += 1
+        full_blocks.append(full)
+    return tuple(full_blocks)
 
 
-@dataclass(frozen=True)
-class TokenCacheConfig:
-    """TokenCache: a learned Cache Predictor picks, per block and step, the tokens whose cached output is
-    reused; the others are recomputed. Calibrate a predictor with :func:`tokencache.calibrate`."""
+def toca_periodic_full_steps(config: ToCaConfig, num_steps: int) -> tuple[bool, ...]:
+    """Full steps with ``full_step_placement="periodic"``, as the official OpenSora ToCa code places them: the
+    leading ``first_full_steps``, and every step ``i`` that is a multiple of the interval."""
+    return tuple(step < config.first_full_steps or step % toca_interval(config, step, num_steps) == 0
+                 for step in range(num_steps))
 
-    predictor: Any
-    """A calibrated :class:`tokencache.TokenCachePredictor`."""
-    budget: float | None = None
-    """Mean fraction of tokens taken from the cache on cached steps, in [0, 0.95] (the per-block cap of the
-    ratio allocation); ``None`` uses the budget the predictor was calibrated for."""
-    schedule: TPRR | None = None
-    """Full/cached step schedule; ``None`` uses the one the predictor was calibrated with."""
-    adaptive_blocks: bool = True
-    """Allocate per-block pruning ratios by measured block sensitivity (calibration); False: the same ratio
-    in every block."""
-    token_selection: str | None = None
-    """``predictor``, or a ToCa score name that replaces the predictor's ranking; ``None`` uses the ranking the
-    calibration recorded as the winner (``calibration["token_selection"]``, else ``predictor``)."""
-    partial_modules: tuple[str, ...] = ("cross_attn", "mlp")
-    """Module types recomputed on the kept tokens; the others (self-attention) are reused whole on cached
-    steps."""
-    cache_dtype: torch.dtype | None = None
-    """Storage dtype of the caches; ``None`` keeps the model's dtype."""
-    forecast: Any = None
-    """A :class:`tokencache.ForecastConfig`: pruned tokens get the Taylor expansion of their own history
-    instead of their cached output; ``None`` reuses it."""
 
-    def __post_init__(self) -> None:
-        cls = type(self)
-        from .predictor import TokenCachePredictor
+def toca_full_blocks(config: ToCaConfig, num_steps: int, num_blocks: int) -> tuple[int, ...]:
+    """Full blocks per step under ``config.full_step_placement`` with ``config.full_step_interval``."""
+    if config.full_step_placement == "official":
+        return toca_official_full_blocks(config, num_steps, num_blocks)
+    if config.full_step_placement == "periodic":
+        return whole_steps(toca_periodic_full_steps(config, num_steps), num_blocks)
+    return whole_steps(toca_full_steps(config, num_steps), num_blocks)
 
-        if not isinstance(self.predictor, TokenCachePredictor):
-            raise _fail(cls, "predictor", "a TokenCachePredictor (see tokencache.calibrate)", type(self.predictor))
-        # what the run will read from the predictor's calibration, checked now rather than mid-run
-        self.predictor.check_calibration(budget=self.budget is None, schedule=self.schedule is None,
-                                         sensitivity=self.adaptive_blocks is True,
-                                         token_selection=self.token_selection is None)
-        if self.budget is not None:
-            # the run allocates per-block ratios capped at MAX_BUDGET; accept exactly what it accepts
-            from .predictor import MAX_BUDGET
 
-            check_number(cls, "budget", self.budget, 0.0, MAX_BUDGET)
-        if self.schedule is not None and not isinstance(self.schedule, TPRR):
-            raise _fail(cls, "schedule", "None or a TPRR", self.schedule)
-        if not isinstance(self.adaptive_blocks, bool):
-            raise _fail(cls, "adaptive_blocks", "True or False", self.adaptive_blocks)
-        if self.token_selection is not None and self.token_selection not in TOKEN_SELECTIONS:
-            raise _fail(cls, "token_selection", f"None or one of {TOKEN_SELECTIONS}", self.token_selection)
-        if (not isinstance(self.partial_modules, tuple) or not self.partial_modules
-                or any(k not in MODULE_KINDS for k in self.partial_modules)):
-            raise _fail(cls, "partial_modules", f"a non-empty tuple of {MODULE_KINDS}", self.partial_modules)
-        check_cache_dtype(cls, self.cache_dtype)
-        _check_forecast(cls, self.forecast)
+class ToCaPolicy:
+    def __init__(self, config: ToCaConfig, num_steps: int, num_blocks: int) -> None:
+        self.config = config
+        self.num_steps = num_steps
+        self.num_blocks = num_blocks
+        base = toca_full_blocks(config, num_steps, num_blocks)
+        self.kind_full_blocks: dict[str, tuple[int, ...]] = {
+            kind: toca_full_blocks(dataclasses.replace(config, full_step_interval=interval), num_steps, num_blocks)
+            for kind, interval in config.module_intervals.items()}
+        """Full blocks per step of the module types with an interval of their own."""
+        self.base_full_blocks = base
+        # A step (block) is full when every module type is: the other types' own full steps come as ratio 1.
+        self.full_blocks = tuple(min([base[step], *(f[step] for f in self.kind_full_blocks.values())])
+                                 for step in range(num_steps))
+        self.full_steps = tuple(f >= num_blocks for f in self.full_blocks)
+
+    def fresh_ratio(self, step: int, block: int, kind: str) -> float:
+        """The fraction of tokens recomputed at a non-full step; 1 where the module type's own interval (or the
+        base interval, for the other types) makes it full."""
+        c = self.config
+        if block < self.kind_full_blocks.get(kind, self.base_full_blocks)[step]:
+            return 1.0
+        module = c.module_ratio.get(kind, 0.0)
+        if module == 0.0:
+            return 0.0
+        r = c.fresh_ratio * c.step_ratio(step, self.num_steps) * c.depth_ratio(block, self.num_blocks) * module
+        return min(max(r, 0.0), 1.0)
+
+
+class ToCaSelector:
+    """Scores tokens as configured and returns the top ``k`` per sample (shared across CFG halves when the
+    stream is a CFG batch with ``cfg_shared_selection``)."""
+
+    def __init__(self, config: ToCaConfig) -> None:
+        self.config = config
+        self.generator: torch.Generator | None = None
+        self.forecaster = TokenForecaster(config.forecast) if config.forecast is not None else None
 
     @property
-    def effective_budget(self) -> float:
-        return self.predictor.calibration["budget"] if self.budget is None else self.budget
+    def attention_statistic(self) -> tuple[str, str] | None:
+        """(module kind, statistic) that attention processors must report on full steps, if any."""
+        score = self.config.score
+        if score not in SCORES_FROM_ATTENTION:
+            return None
+        statistic = {"attention": "received", "value_norm": "value_norm",
+                     "cross_attention_entropy": "entropy"}[score]
+        return SCORES_FROM_ATTENTION[score], statistic
 
     @property
-    def effective_schedule(self) -> TPRR:
-        return self.schedule if self.schedule is not None else TPRR(**self.predictor.calibration["schedule"])
+    def keeps_inputs(self) -> bool:
+        return self.config.score == "similarity"
 
-    @property
-    def effective_token_selection(self) -> str:
-        if self.token_selection is not None:
-            return self.token_selection
-        return self.predictor.calibration.get("token_selection", "predictor")
+    def reset(self, device: torch.device) -> None:
+        self.generator = None
+        self._device = device
 
-    def block_ratios(self) -> list[float]:
-        """Fraction of tokens reused from the cache in each block on cached steps."""
-        from .predictor import allocate_block_ratios
+    def _random(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=device).manual_seed(self.config.seed)
+        return torch.rand(batch, num_tokens, generator=self.generator, device=device)
 
-        num_blocks = self.predictor.num_blocks
-        if not self.adaptive_blocks:
-            return [self.effective_budget] * num_blocks
-        return allocate_block_ratios(self.predictor.calibration["block_sensitivity"], self.effective_budget)
+    def select(self, ctx: StepContext, block: int, slot: SlotState, tokens: torch.Tensor, k: int,
+               token_set: str = "image") -> torch.Tensor:
+        """Indices (B, k) of the tokens to recompute; ``tokens`` is the module input (B, n, D), ``token_set`` which
+        of the block's token pools they are (a processor may report a statistic per pool)."""
+        c = self.config
+        stream: StreamState = ctx.stream
+        batch, num_tokens = tokens.shape[0], tokens.shape[1]
+        rows = batch // 2 if stream.cfg_shared else batch
+        if c.score == "random":
+            raw = self._random(rows, num_tokens, tokens.device)
+        elif c.score in ("forecast_error", "forecast_term"):
+            if c.score == "forecast_error":
+                raw = slot.forecast_error
+            else:
+                raw = last_term_size(self.forecaster, slot, ctx.position)
+            if stream.cfg_shared:
+                raw = 0.5 * (raw[:rows] + raw[rows:])
+        else:
+            if c.score == "similarity":
+                raw = F.cosine_similarity(tokens.float(), slot.last_input.float(), dim=-1)
+            else:
+                raw = stream.raw_scores.get(block)
+                if isinstance(raw, dict):
+                    raw = raw.get(token_set)
+                if raw is None:
+                    raise RuntimeError(f"no {c.score!r} statistic was recorded for the {token_set} tokens of block "
+                                       f"{block} at the last full step")
+            if stream.cfg_shared:
+                raw = 0.5 * (raw[:rows] + raw[rows:])
+        score = score_from_raw(c.score, raw)
+        if c.frequency_weight > 0:
+            score = score + frequency_term(slot.steps_since_fresh[:rows], c.full_step_interval, c.frequency_weight)
+        if c.spatial_cell_size is not None:
+            score = spatial_bonus(score, ctx.grid, c.spatial_cell_size, c.spatial_bonus)
+        clusters = c.forecast.clusters if c.forecast is not None else 0
+        if clusters and slot.clusters is not None:
+            index = spread_over_clusters(score, slot.clusters[:rows], k, min(clusters, num_tokens))
+        else:
+            index = topk_tokens(score, k)
+        if stream.cfg_shared:
+            index = torch.cat([index, index], dim=0)
+        return index
 
-    def validate_model(self, transformer: torch.nn.Module, num_blocks: int, num_tokens: int | None) -> None:
-        self.predictor.check_compatible(transformer, num_blocks, num_tokens)
 
-    def build_policy(self, num_steps: int, num_blocks: int):
-        from .schedule import TokenCachePolicy
-
-        return TokenCachePolicy(self, num_steps, num_blocks)
-
-    def build_selector(self):
-        from .selection import PredictorSelector, ToCaSelector
-
-        selection = self.effective_token_selection
-        if selection == "predictor":
-            return PredictorSelector(self.predictor)
-        return ToCaSelector(ToCaConfig(score=selection, frequency_weight=0.0))
-
-
-def config_summary(config: Any) -> dict[str, Any]:
-    """A JSON-friendly description of a config (for reports and result files)."""
-    out: dict[str, Any] = {"method": type(config).__name__.removesuffix("Config")}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, Mapping):
-            value = dict(value)
-        elif isinstance(value, torch.dtype):
-            value = str(value).removeprefix("torch.")
-        elif hasattr(value, "__dataclass_fields__"):
-            value = {g.name: getattr(value, g.name) for g in fields(value)}
-        elif isinstance(value, torch.nn.Module):
-            value = type(value).__name__
-        out[f.name] = value
-    return out
+    def rank_shared(self, ctx: StepContext, shared: SharedSelection, tokens: torch.Tensor | None,
+                    last_input: torch.Tensor | None, k: int) -> torch.Tensor:
+        """The ``k`` best tokens of each sample (B, k), best first, chosen once per call for every block of a
+        model with a shared selection: the score over the canonical tokens plus the staleness term of the
+        shared counters, which then count this partial step (0 for the chosen tokens). ``tokens`` and
+        ``last_input`` (B, N, D) are the choosing module's input now and when each token was last recomputed
+        (the ``similarity`` score)."""
+        c = self.config
+        stream = ctx.stream
+        rows = stream.batch // 2 if stream.cfg_shared else stream.batch
+        counters = shared.steps_since_fresh
+        if c.score == "random":
+            raw = self._random(rows, stream.num_tokens, counters.device)
+        elif c.score == "similarity":
+            raw = F.cosine_similarity(tokens.float(), last_input.float(), dim=-1)
+            if stream.cfg_shared:
+                raw = 0.5 * (raw[:rows] + raw[rows:])
+        else:
+            raise ValueError(f"ToCaConfig.score {c.score!r} cannot choose tokens shared by every block; use "
+                             "'random' or 'similarity'")
+        score = score_from_raw(c.score, raw)
+        if c.frequency_weight > 0:
+            score = score + frequency_term(counters, c.full_step_interval, c.frequency_weight)
+        index = torch.topk(score, k, dim=-1, sorted=True).indices
+        counters += 1
+        counters.scatter_(1, index, 0)
+        if stream.cfg_shared:
+            index = torch.cat([index, index], dim=0)
+        return index

@@ -24,11 +24,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TOKEN_SELECTIONS, TPRR, check_number
-from .layouts import MODULE_KINDS, BlockEntry, find_blocks
-from .plan import default_num_tokens
-from .predictor import MAX_BUDGET, VARIANTS, TokenCachePredictor, allocate_block_ratios, token_features
-from .schedule import fresh_tokens
+from ..core.layouts import MODULE_KINDS, BlockEntry, find_blocks
+from ..core.plan import default_num_tokens
+from ..core.schedule import fresh_tokens
+from ..core.validation import check_number
+from .token_cache import (
+    MAX_BUDGET,
+    TOKEN_SELECTIONS,
+    TPRR,
+    VARIANTS,
+    TokenCachePredictor,
+    allocate_block_ratios,
+    token_features,
+)
 
 Sampler = Callable[[nn.Module, torch.Generator], None]
 

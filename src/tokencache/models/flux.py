@@ -22,11 +22,12 @@ from typing import Any
 
 from torch import nn
 
-from ..config import BlockFactors, FORAConfig, ToCaConfig
-from ..flops import joint_attention_flops
-from ..forecast import ForecastConfig
-from ..layouts import BlockLayout, ModelLayout, ModuleSlot, register_layout, register_model
-from ..shapes import register_shape
+from ..core.flops import joint_attention_flops
+from ..core.forecast import ForecastConfig
+from ..core.layouts import BlockLayout, ModelLayout, ModuleSlot, register_layout, register_model
+from ..core.shapes import register_shape
+from ..methods.fora import FORAConfig
+from ..methods.toca import BlockFactors, ToCaConfig
 
 
 def _token_grid(transformer: nn.Module, arguments: dict) -> tuple[int, ...]:
@@ -119,12 +120,12 @@ def _toca(interval: int) -> dict[str, Any]:
                 full_step_placement="relative")
 
 
-ToCaConfig._PRESETS.update({
+ToCaConfig.register_presets({
     f"flux-dev-toca{n}": (f"FLUX.1-dev 50 steps, ToCa{n}-01: first 3 steps full, then every {n}, R0=0.1 "
                           f"(published {speedup} FLOPs)", _toca(n))
     for n, speedup in ((4, "-"), (5, "3.30x"), (6, "3.76x"))
 })
-FORAConfig._PRESETS.update({
+FORAConfig.register_presets({
     f"flux-dev-forecast-n{n}": (f"FLUX.1-dev: first 3 steps full, then every {n}; Newton forecast of order {order} "
                                 "in between (TaylorSeer's FLUX setting is N=6 order 2)",
                                 dict(interval=n, first_full_steps=3, last_full_steps=1,

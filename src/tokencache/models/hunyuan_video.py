@@ -10,9 +10,9 @@ concatenated sequence (text included). The image-to-video "token replace" blocks
 
 from __future__ import annotations
 
-from ..flops import joint_attention_flops
-from ..layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_layout, register_model
-from ..shapes import register_shape
+from ..core.flops import joint_attention_flops
+from ..core.layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_layout, register_model
+from ..core.shapes import register_shape
 from .flux import DUAL_STREAM_SLOTS, SINGLE_STREAM_MLP_BRANCH, SINGLE_STREAM_OUTPUT
 
 # 720p, 129 frames: a 33x90x160 latent in 1x2x2 patches -> 118,800 tokens; LLaMA prompts of 256 tokens.

@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from ..layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_model
-from ..shapes import register_shape
+from ..core.layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_model
+from ..core.shapes import register_shape
 from .dit import _check_basic_block
 
 

@@ -26,9 +26,9 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ToCaConfig
-from ..flops import SOFTMAX_FLOPS_PER_ELEMENT, linear_flops
-from ..layouts import BlockLayout, ModelLayout, ModuleSlot, register_layout, register_model
+from ..core.flops import SOFTMAX_FLOPS_PER_ELEMENT, linear_flops
+from ..core.layouts import BlockLayout, ModelLayout, ModuleSlot, register_layout, register_model
+from ..methods.toca import ToCaConfig
 
 
 def _self_attention_flops(attn: nn.Module, rows: int, num_tokens: int, context_tokens: int) -> int:
@@ -121,7 +121,7 @@ _OPENSORA: dict[str, Any] = dict(
     cfg_shared_selection=True,
 )
 
-ToCaConfig._PRESETS.update({
+ToCaConfig.register_presets({
     "opensora-rflow30": ("OpenSora 1.2 rflow 30 steps (ToCa's official setting): steps 0-2 and every 3rd full, "
                          "cross-attention every 6th; MLP recomputes 14.95% of the tokens; random score + staleness",
                          _OPENSORA),

@@ -11,9 +11,9 @@ import math
 
 from torch import nn
 
-from ..flops import joint_attention_flops
-from ..layouts import BlockLayout, ModelLayout, ModuleSlot, register_layout, register_model
-from ..shapes import register_shape
+from ..core.flops import joint_attention_flops
+from ..core.layouts import BlockLayout, ModelLayout, ModuleSlot, register_layout, register_model
+from ..core.shapes import register_shape
 
 
 def _token_grid(transformer: nn.Module, arguments: dict) -> tuple[int, ...]:

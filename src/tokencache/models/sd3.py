@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from ..flops import joint_attention_flops
-from ..layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_layout, register_model
-from ..shapes import register_shape
+from ..core.flops import joint_attention_flops
+from ..core.layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_layout, register_model
+from ..core.shapes import register_shape
 
 # SD3 pipelines pass 77 CLIP tokens followed by 256 T5 tokens (max_sequence_length=256).
 register_model(ModelLayout("SD3Transformer2DModel", patch_grid, context_tokens=333))

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..flops import joint_attention_flops
-from ..layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_layout, register_model
-from ..shapes import register_shape
+from ..core.flops import joint_attention_flops
+from ..core.layouts import BlockLayout, ModelLayout, ModuleSlot, patch_grid, register_layout, register_model
+from ..core.shapes import register_shape
 
 # 480p, 81 frames: a 21x60x104 latent in 1x2x2 patches -> 32,760 tokens; captions padded to 512 tokens.
 register_model(ModelLayout("WanTransformer3DModel", patch_grid, context_tokens=512, num_tokens=21 * 30 * 52))

@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 
-from ...config import FORECAST_SCORES, SCORES, FORAConfig, ToCaConfig, TokenCacheConfig
+from ...core.scores import FORECAST_SCORES, SCORES
+from ...methods.fora import FORAConfig
+from ...methods.toca import ToCaConfig
+from ...methods.token_cache import TokenCacheConfig
 from ..compare import Method, compare, format_table, write_outputs
 from . import assets_dir, load_classifier, load_model
 from .data import load_fashion
@@ -25,7 +28,7 @@ TOCA_PRESET = "pixart-dpm20"
 
 def shipped_predictor():
     """The TokenCache predictor calibrated for the shipped Fashion-MNIST model, or None."""
-    from ...predictor import TokenCachePredictor
+    from ...methods.token_cache import TokenCachePredictor
 
     folder = assets_dir() / PREDICTOR_FOLDER
     return TokenCachePredictor.from_pretrained(folder) if folder.is_dir() else None
