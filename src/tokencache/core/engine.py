@@ -47,6 +47,11 @@ def slot_tokens(slot: ModuleSlot, num_tokens: int, context_tokens: int) -> int:
     return {"image": num_tokens, "text": context_tokens, "joint": num_tokens + context_tokens}[slot.tokens]
 
 
+def _no_cache(block: BlockEntry, slot: ModuleSlot, step: int) -> RuntimeError:
+    return RuntimeError(f"module {block.name}.{slot.name} has no cache at step {step}: the first step of a run "
+                        "must be full")
+
+
 @dataclass(frozen=True)
 class SlotWork:
     """One cacheable module's work at one step, counted as the engine does it (what ``tc.plan`` adds up)."""
@@ -401,15 +406,11 @@ class CacheEngine:
         block_full = ctx.slot_full(block.index, slot.kind)
         rows = num_tokens if block_full else ctx.rows(block.index, slot.kind, num_tokens)
         if slot.index_from is not None and not block_full:
-            source_rows, source_index = self._call_indices.get(slot.index_from, (0, None))
-            if source_rows != rows:
-                raise RuntimeError(f"{block.name}.{slot.name} recomputes the rows of {slot.index_from}, which "
-                                   f"recomputed {source_rows} of them; this call needs {rows}")
+            self._check_source_rows(block, slot, rows)
 
         if block_full or rows >= num_tokens or (slot.cached and state.output is None):
             if state.output is None and slot.cached and not block_full:
-                raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
-                                   "step of a run must be full")
+                raise _no_cache(block, slot, ctx.step)
             output = original(*args, **kwargs)
             if slot.cached:
                 if self.forecaster is not None:
@@ -494,15 +495,11 @@ class CacheEngine:
         full = ctx.slot_full(block.index, slot.kind)
         rows = count if full else ctx.rows(block.index, slot.kind, count)
         if slot.index_from is not None and not full:
-            source_rows = self._call_indices.get(slot.index_from, (0, None))[0]
-            if source_rows != rows:
-                raise RuntimeError(f"{block.name}.{slot.name} recomputes the rows of {slot.index_from}, which "
-                                   f"recomputed {source_rows} of them; this call needs {rows}")
+            self._check_source_rows(block, slot, rows)
         flat = tokens.reshape(1, samples * count, width)
         if full or rows >= count or (slot.cached and state.output is None):
             if state.output is None and slot.cached and not full:
-                raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
-                                   "step of a run must be full")
+                raise _no_cache(block, slot, ctx.step)
             output = original(*args, **kwargs)
             stored = output.reshape(1, samples * count, output.shape[-1])
             if slot.cached:
@@ -580,8 +577,7 @@ class CacheEngine:
                           stored=tuple(t for t in tensors if t is not None))
             return output
         if first.output is None and not first.whole_parts:
-            raise RuntimeError(f"module {block.name}.{slot.name} has no cache at step {ctx.step}: the first "
-                               "step of a run must be full")
+            raise _no_cache(block, slot, ctx.step)
         count = first.whole_parts or 1
         results = []
         for i in range(count):
@@ -595,6 +591,13 @@ class CacheEngine:
         self._account(block, slot, module, 0, num_tokens, context_tokens, batch, full=False,
                       stored=tuple(r for r in results if r is not None))
         return tuple(results) if first.whole_parts else results[0]
+
+    def _check_source_rows(self, block: BlockEntry, slot: ModuleSlot, rows: int) -> None:
+        """A slot that recomputes the rows of another (``index_from``) must need as many as that one recomputed."""
+        source_rows = self._call_indices.get(slot.index_from, (0, None))[0]
+        if source_rows != rows:
+            raise RuntimeError(f"{block.name}.{slot.name} recomputes the rows of {slot.index_from}, which "
+                               f"recomputed {source_rows} of them; this call needs {rows}")
 
     def _measure_full(self, state: SlotState, output: torch.Tensor, position: float) -> None:
         """At a full computation: the forecast-error score's errors (the forecast it replaces against the
