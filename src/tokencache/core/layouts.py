@@ -49,7 +49,8 @@ class ModuleSlot:
     series on the same rows, like a single-stream block's MLP input and its output projection)."""
     cached: bool = True
     """``False`` for a module whose output only feeds a later slot with ``index_from`` naming it: on partial
-    steps its fresh rows are computed and the others are left zero (never read), and nothing is cached."""
+    steps its fresh rows are computed and the others are left uninitialised (never read), and nothing is
+    cached."""
     text_output: bool = False
     """The module also returns the text stream's output (a joint attention): cached whole with the image
     output."""
