@@ -13,7 +13,7 @@ from .calibrate import CalibrationConfig, calibrate, class_calls
 from .compile import compile
 from .config import TPRR, BlockFactors, DepthRamp, FORAConfig, StepRamp, ToCaConfig, TokenCacheConfig
 from .forecast import ForecastConfig
-from .handle import CacheHandle, CacheStats, apply
+from .handle import CacheHandle, CacheStats, ExpertsHandle, apply
 from .layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
 from .plan import Plan, plan
 from .predictor import TokenCachePredictor
@@ -29,6 +29,7 @@ __all__ = [
     "CalibrationConfig",
     "CacheStats",
     "DepthRamp",
+    "ExpertsHandle",
     "FORAConfig",
     "ForecastConfig",
     "ModuleSlot",
