@@ -1,4 +1,5 @@
-"""Peer caches on the shipped digits DiT, applied through their own packages (the ``bench`` extra).
+"""Peer caches on the shipped models (the digits DiT and the Fashion-MNIST PixArt-style transformer), applied
+through their own packages (the ``bench`` extra).
 
 Each peer is a :class:`Peer`: ``peer.attach(pipe)`` installs its cache on ``pipe.transformer`` the way a user of
 that package would and returns a remover; the remover records what the peer reports about the last run
@@ -12,30 +13,38 @@ How each peer is applied (diffusers 0.42.1, cache-dit 1.5.3):
   ``apply_taylorseer_cache``, the public functions) on ``pipe.transformer``. Both hooks are stateful: every
   denoiser call must run inside a ``CacheContext``, which a ``CacheMixin`` model opens with
   ``transformer.cache_context(name)`` from its pipeline, and ``maybe_free_model_hooks`` resets their state after a
-  run. ``DiTTransformer2DModel`` is not a ``CacheMixin`` (no ``enable_cache``/``cache_context``) and DiT-style
-  pipelines (diffusers' ``DiTPipeline``, our ``DigitsPipeline``) open no context, so :class:`CacheContextHooks`
+  run. Neither ``DiTTransformer2DModel`` nor ``PixArtTransformer2DModel`` is a ``CacheMixin`` (no
+  ``enable_cache``/``cache_context``) and their pipelines (diffusers' ``DiTPipeline`` and ``PixArtAlphaPipeline``,
+  our ``DigitsPipeline`` and ``FashionPipeline``) open no context, so :class:`CacheContextHooks`
   does what ``cache_context`` does, from torch forward hooks on the transformer: before each call it sets
   ``CacheContext("cond_uncond", step_index, num_inference_steps, timestep)`` with
   ``diffusers.hooks.hooks._set_cache_context`` (the function ``cache_context`` calls; one context because the CFG
   batch runs cond and uncond in one call), clears it after, and resets the hooks' state
   (``HookRegistry.reset_stateful_hooks``) when a call is the first step of a run (its timestep is the
-  scheduler's first). Neither hook reads anything but the context's name: FirstBlockCache compares the first
+  scheduler's first; ``FashionPipeline`` passes ``t / 1000 * 1000``, matched within float32 rounding). Neither
+  hook reads anything but the context's name: FirstBlockCache compares the first
   block's residual with the last computed one, TaylorSeer counts calls.
 * FirstBlockCache: hooks every block of ``transformer_blocks`` (``BasicTransformerBlock`` is in diffusers' block
-  registry); knob ``threshold`` (relative L1 change of block 0's residual below which blocks 1..5 are skipped).
+  registry); knob ``threshold`` (relative L1 change of block 0's residual below which the other blocks are
+  skipped).
 * TaylorSeer: its default ``cache_identifiers`` (``^transformer_blocks.*attn`` etc., ``re.fullmatch``) match no
-  module of a DiT, whose attention modules are named ``attn1``, and lite mode caches ``proj_out`` which DiT does
-  not have (``proj_out_1``/``proj_out_2``): both are recorded as unavailable with that reason. The usable setting
-  passes ``cache_identifiers`` for each block's ``attn1`` and ``ff`` (the attention and MLP outputs TaylorSeer
-  forecasts in the paper), ``max_order=1``, ``disable_cache_before_step=3`` (default) and
+  module of a DiT or PixArt, whose attention modules are named ``attn1`` (and ``attn2``): recorded as unavailable
+  with that reason. Lite mode caches ``proj_out``, which DiT does not have (``proj_out_1``/``proj_out_2``;
+  unavailable there), while PixArt has one: there lite mode runs (on predicted steps the blocks return zeros and
+  ``proj_out`` returns the forecast of its output, so the model's output is forecast whole). The main setting
+  passes ``cache_identifiers`` for each block's attentions (``attn1``, PixArt's cross-attention ``attn2``) and
+  ``ff`` (the attention and MLP outputs TaylorSeer forecasts in the paper), ``max_order=1``,
+  ``disable_cache_before_step=3`` (default) and
   ``taylor_factors_dtype=torch.float32`` (the docs' example; the bfloat16 default loses precision on the CPU);
   knob ``cache_interval``.
-* cache-dit DBCache: ``cache_dit.enable_cache(pipe, ...)`` refuses ``DigitsPipeline`` (its adapters are matched
-  by class-name prefix and ``DigitsPipeline`` matches none), so we pass a ``cache_dit.BlockAdapter`` built exactly
-  like cache-dit's own ``DiT`` adapter (``transformer_blocks``, ``ForwardPattern.Pattern_3``, ``DiTPatchFunctor``)
-  with our pipeline; cache-dit then wraps the pipeline class's ``__call__`` to open and reset its context per
-  call, and ``cache_dit.disable_cache(pipe)`` removes everything. The default ``DBCacheConfig`` (F8B0) needs at
-  least 8 blocks (the model has 6; recorded as unavailable with cache-dit's own assertion); the sweep uses
+* cache-dit DBCache: ``cache_dit.enable_cache(pipe, ...)`` refuses ``DigitsPipeline`` and ``FashionPipeline``
+  (its adapters are matched by class-name prefix and neither matches), so we pass a ``cache_dit.BlockAdapter``
+  built exactly like cache-dit's own adapter for the transformer (``transformer_blocks``,
+  ``ForwardPattern.Pattern_3``; the ``DiT`` adapter adds ``DiTPatchFunctor``, the ``PixArt`` one nothing) with our
+  pipeline; cache-dit then wraps the pipeline class's ``__call__`` to open and reset its context per
+  call, and ``cache_dit.disable_cache(pipe)`` removes everything. The default ``DBCacheConfig`` (F8B0) needs more
+  than 8 blocks (the digits DiT has 6, the Fashion model 8; recorded as unavailable with cache-dit's own
+  assertion); the sweep uses
   ``Fn_compute_blocks=1, Bn_compute_blocks=0`` and the other defaults (8 warm-up steps, CFG in one batch);
   knob ``residual_diff_threshold``. "+TaylorSeer" adds ``TaylorSeerCalibratorConfig(taylorseer_order=1)``.
 
@@ -185,6 +194,8 @@ class CacheContextHooks:
             return self.step + 1, None
         t = torch.as_tensor(timestep).reshape(-1)[0].to(timesteps.device, timesteps.dtype)
         found = (timesteps == t).nonzero()
+        if not len(found):  # a pipeline that passes the model a rescaled timestep (t / 1000 * 1000) may round it
+            found = torch.isclose(timesteps, t, rtol=1e-5, atol=1e-4).nonzero()
         return (int(found[0, 0]) if len(found) else self.step + 1), len(timesteps)
 
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -245,7 +256,8 @@ def _install_first_block_cache(threshold: float) -> Callable[[Any, dict[str, Any
     return install
 
 
-TAYLORSEER_TARGETS = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
+# every attention (DiT: attn1; PixArt: attn1 and the cross-attention attn2) and MLP output of every block
+TAYLORSEER_TARGETS = [r"transformer_blocks\.\d+\.attn\d", r"transformer_blocks\.\d+\.ff"]
 
 
 def _taylorseer_config(cache_interval: int, variant: str) -> Any:
@@ -352,17 +364,29 @@ def _import_cache_dit() -> Any:
     return cache_dit
 
 
+def _dbcache_adapter_extras(transformer: torch.nn.Module) -> dict[str, Any]:
+    """What cache-dit's own adapter for the transformer's class adds to the common ``BlockAdapter`` fields (its
+    registered adapters are matched by the pipeline's class name, which ours do not match): the "DiT" adapter
+    patches the transformer with ``DiTPatchFunctor``, the "PixArt" one needs nothing more."""
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+    if isinstance(transformer, DiTTransformer2DModel):
+        from cache_dit.caching.patch_functors import DiTPatchFunctor
+
+        return dict(patch_functor=DiTPatchFunctor())
+    if isinstance(transformer, PixArtTransformer2DModel):
+        return {}
+    raise TypeError(f"no cache-dit adapter is known for {type(transformer).__name__} (DiT and PixArt only)")
+
+
 def _install_dbcache(threshold: float, taylorseer: bool, blocks: dict[str, int] | None
                      ) -> Callable[[Any, dict[str, Any]], Remover]:
     def install(pipe: Any, stats: dict[str, Any]) -> Remover:
         cache_dit = _import_cache_dit()
-        from cache_dit.caching.patch_functors import DiTPatchFunctor
-
-        # cache-dit's registered "DiT" adapter, with our pipeline (enable_cache(pipe) matches by class name).
         adapter = cache_dit.BlockAdapter(pipe=pipe, transformer=pipe.transformer,
                                          blocks=pipe.transformer.transformer_blocks,
                                          forward_pattern=cache_dit.ForwardPattern.Pattern_3,
-                                         patch_functor=DiTPatchFunctor(), check_forward_pattern=True)
+                                         check_forward_pattern=True, **_dbcache_adapter_extras(pipe.transformer))
         config = cache_dit.DBCacheConfig(residual_diff_threshold=threshold, **(blocks or {}))
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
         cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)

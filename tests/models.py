@@ -126,6 +126,39 @@ def tiny_wan_pipeline(num_layers: int = 3):
     return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
 
 
+def tiny_wan22_pipeline(num_layers: int = 3, layers_2: int | None = None, boundary_ratio: float | None = 0.875):
+    """A Wan 2.2 A14B-style WanPipeline: ``transformer`` (high noise) and a second, differently initialised expert
+    ``transformer_2`` (low noise; ``layers_2`` blocks, default as many) split at ``boundary_ratio``."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    base = tiny_wan_pipeline(num_layers)
+    torch.manual_seed(1)
+    config = {**base.transformer.config, "num_layers": layers_2 if layers_2 is not None else num_layers}
+    second = _perturbed(WanTransformer3DModel.from_config(config))
+    return WanPipeline(tokenizer=None, text_encoder=None, transformer=base.transformer, transformer_2=second,
+                       vae=base.vae, scheduler=base.scheduler, boundary_ratio=boundary_ratio)
+
+
+def tiny_wan22_i2v_pipeline(num_layers: int = 2, boundary_ratio: float = 0.9):
+    """A Wan 2.2 A14B-style WanImageToVideoPipeline (no CLIP image encoder, as A14B): two experts that take the
+    noisy latents, the first-frame mask and the encoded image (4 + 4 + 4 channels), and a tiny VAE with Wan's
+    8x spatial and 4x temporal compression."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+    experts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        experts.append(_perturbed(WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12, out_channels=4,
+            text_dim=12, freq_dim=16, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True, rope_max_seq_len=32)))
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    scheduler = UniPCMultistepScheduler(flow_shift=5.0, prediction_type="flow_prediction", use_flow_sigmas=True)
+    return WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), scheduler=scheduler,
+                                   image_processor=None, image_encoder=None, transformer=experts[0],
+                                   transformer_2=experts[1], boundary_ratio=boundary_ratio)
+
+
 def text_embeds(family: str, batch: int = 1, tokens: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
     """Encoder outputs each pipeline family takes instead of prompts."""
     g = torch.Generator().manual_seed(seed)

@@ -6,9 +6,11 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import tokencache as tc
 from tokencache.core.layouts import find_blocks
@@ -18,8 +20,10 @@ from models import tiny_dit, tiny_pixart
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import frontier  # noqa: E402
 import speed  # noqa: E402
 import step_profile  # noqa: E402
+import token_change  # noqa: E402
 
 
 def _names(block, categories):
@@ -145,3 +149,152 @@ def test_step_profile_short_run(tmp_path):
     assert all(split[c] > 0 for c in ("cached modules", "embedders", "modulation linears", "LayerNorms"))
     assert profile["weight_read"]["partial_step_bytes"] > profile["weight_read"]["modulation_bytes"] > 0
     assert "| reuse |" in out.with_suffix(".md").read_text() or "reuse" not in kinds
+
+
+# ------------------------------------------------------------------------------------------ frontier.py, --model
+
+
+def _tiny_fashion(tmp_path, monkeypatch, predictor=None, steps: int | None = None):
+    """frontier.py's fashion spec with a tiny PixArt-style model, classifier and FD statistics (results in tmp)."""
+    from tokencache.demo.classifier import DigitClassifier
+    from tokencache.demo.fashion.model import FashionPipeline, build_transformer, make_scheduler
+    from tokencache.demo.fashion.reference import fd_to_reference, feature_stats
+
+    torch.manual_seed(0)
+    pipe = FashionPipeline(build_transformer("pixart", num_layers=2, width=32, head_dim=16).eval(), make_scheduler())
+    classifier = DigitClassifier(image_size=28).eval()
+    reference = feature_stats(torch.rand(30, 1, 28, 28) * 2 - 1, classifier)
+    assets = tmp_path / "fashion-dit"
+    pipe.transformer.save_pretrained(assets / "transformer")
+    pipe.scheduler.save_pretrained(assets / "scheduler")
+    changes = dict(load=lambda: (pipe, classifier), assets=lambda: assets, predictor=lambda: predictor,
+                   fd=lambda clf: (lambda images: fd_to_reference(images, clf, reference)))
+    if steps is not None:  # a shorter reference run (and one fewer-steps row) keeps the sweep tests fast
+        changes.update(reference_steps={"flow": steps}, fewer_steps={"flow": (steps // 2,)},
+                       quick_fewer_steps=steps // 2)
+    spec = replace(frontier.MODELS["fashion"], **changes)
+    monkeypatch.setitem(frontier.MODELS, "fashion", spec)
+    monkeypatch.setattr(frontier, "RESULTS", tmp_path / "results")
+    return spec, pipe
+
+
+def _tiny_predictor(num_blocks: int, steps: int):
+    return tc.TokenCachePredictor(num_blocks, 196, steps, "features",
+                                  model=dict(class_name="PixArtTransformer2DModel"),
+                                  calibration=dict(budget=0.5, block_sensitivity=[1.0] * num_blocks,
+                                                   schedule=dict(early_cached_steps=1, late_cached_steps=1,
+                                                                 boundary=0.5)))
+
+
+def test_frontier_digits_rows_are_unchanged():
+    quick = [m.name for m in frontier.tokencache_methods(quick=True, ddpm=False)]
+    assert quick[0] == "no cache (DDIM-50)" and quick[1:3] == ["ToCa attention N=4", "FORA N=3"]
+    assert quick[-2:] == ["forecast N=5 (preset)", "DDIM-20 (fewer steps)"]
+    full = frontier.tokencache_methods(quick=False, ddpm=True)
+    assert "ToCa cross_attention_entropy (any N)" in [m.name for m in full]
+    assert {m.sampler for m in full} == {"ddim", "ddpm"} and full[-1].name == "DDPM-150 (fewer steps)"
+    assert all(m.config.__class__.__name__ != "ToCaConfig" or m.config.module_ratio.get("mlp") for m in full)
+
+
+def test_frontier_fashion_rows(tmp_path, monkeypatch):
+    """Every row of the fashion sweep: Euler, the five scores at the same FLOPs per N (PixArt preset), FORA,
+    TokenCache learned vs random at four budgets, forecasting configs that fit the model, fewer steps."""
+    spec, pipe = _tiny_fashion(tmp_path, monkeypatch, predictor=_tiny_predictor(2, 30))
+    methods = frontier.tokencache_methods(quick=False, ddpm=True, spec=spec)
+    names = [m.name for m in methods]
+    assert names[0] == "no cache (Euler-30)" and all(m.sampler == "flow" for m in methods)
+    assert len(names) == len(set(names)) and not any(m.unavailable for m in methods)
+    toca = [m for m in methods if m.family.startswith("ToCa ")]
+    assert {(m.extra["score"], m.extra["interval"]) for m in toca} == {
+        (s, n) for s in frontier.TOCA_SCORES for n in frontier.TOCA_INTERVALS}
+    for n in frontier.TOCA_INTERVALS:  # the same FLOPs whatever the score
+        same_n = [m.config for m in toca if m.extra["interval"] == n]
+        assert len({tc.plan(c, pipe.transformer, 30, batch_size=4).flops for c in same_n}) == 1
+        assert all(c.module_ratio["cross_attn"] > 0 and c.cfg_shared_selection for c in same_n)  # PixArt preset
+    assert [m.extra["interval"] for m in methods if m.family == "FORA"] == list(frontier.FORA_INTERVALS)
+    rows = {(m.extra["token_selection"], m.extra["budget"]) for m in methods if m.family.startswith("TokenCache")}
+    assert rows == {(s, b) for s in ("predictor", "random") for b in frontier.TOKENCACHE_BUDGETS}
+    forecast = [m for m in methods if "forecast" in m.family]
+    assert len(forecast) >= 8 and all(m.config.forecast is not None for m in forecast)
+    for m in forecast + toca:  # each config plans on the PixArt model and saves FLOPs
+        assert tc.plan(m.config, pipe.transformer, 30, batch_size=4).speedup > 1.2, m.name
+    assert [m.steps for m in methods if m.family == "fewer steps"] == [10, 15, 20, 25]
+    no_predictor = replace(spec, predictor=lambda: None)  # unavailable rows that say what is missing
+    empty = [m for m in frontier.tokencache_methods(False, True, no_predictor) if m.family.startswith("TokenCache")]
+    assert [m.name for m in empty] == ["TokenCache learned", "TokenCache random"]
+    assert all("tokencache-predictor" in m.unavailable for m in empty)
+
+
+def test_frontier_fashion_sweep_is_incremental_and_resumes(tmp_path, monkeypatch):
+    """A quick fashion sweep on a tiny model, cut off after a few rows: the JSON keeps them, --resume runs the
+    rest (the peers attach to the PixArt pipeline), --update replaces a row, --replot redraws."""
+    _tiny_fashion(tmp_path, monkeypatch, steps=8)
+    real_compare = frontier.compare
+    seen = []
+
+    def interrupted(*args, on_record=None, **kwargs):
+        def cut(i, record):
+            on_record(i, record)
+            seen.append(record["method"])
+            if len(seen) == 4:
+                raise KeyboardInterrupt
+
+        return real_compare(*args, on_record=cut, **kwargs)
+
+    argv = ["--model", "fashion", "--quick", "--samples", "10"]
+    monkeypatch.setattr(frontier, "compare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        frontier.main(argv)
+    path = tmp_path / "results" / "frontier-fashion-quick.json"
+    first = json.loads(path.read_text())
+    assert first["meta"]["complete"] is False and first["meta"]["model_name"] == "fashion"
+    assert [r["method"] for r in first["records"]] == seen
+    assert "Incomplete" in path.with_suffix(".md").read_text()
+
+    monkeypatch.setattr(frontier, "compare", real_compare)
+    frontier.main(argv + ["--resume"])
+    done = json.loads(path.read_text())
+    by_name = {r["method"]: r for r in done["records"]}
+    assert done["meta"]["complete"] is True
+    for record in first["records"]:  # what the cut-off sweep measured is kept as it was
+        assert by_name[record["method"]] == record
+    expected = {"no cache (Euler-8)", "ToCa attention N=4", "ToCa random N=4", "FORA N=3", "Euler-4 (fewer steps)",
+                "forecast N=3 newton o1 first=3", "diffusers FBCache t=0.1", "diffusers TaylorSeer N=3"}
+    assert expected <= set(by_name) and by_name["TokenCache learned"]["unavailable"]
+    assert by_name["ToCa attention N=4"]["flops_speedup"] == pytest.approx(by_name["ToCa random N=4"]["flops_speedup"])
+    assert by_name["diffusers TaylorSeer N=3"]["hooked_modules"] == 6  # attn1, attn2 (cross) and ff of 2 blocks
+    assert set(done["meta"]["resumed"][0]["methods"]) == {n for n, r in by_name.items()
+                                                         if n not in seen and "unavailable" not in r}
+
+    frontier.main(argv + ["--update", "--only", "^FORA"])
+    updated = json.loads(path.read_text())
+    assert updated["meta"]["updates"][-1]["methods"] == ["FORA N=3"]
+    assert [r["method"] for r in updated["records"]] == [r["method"] for r in done["records"]]
+    frontier.main(argv + ["--replot"])
+    assert path.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # a resume with other settings is refused
+        frontier.main(["--model", "fashion", "--quick", "--samples", "20", "--resume"])
+
+
+def test_token_change_measures_every_cacheable_module(tmp_path, monkeypatch):
+    _, pipe = _tiny_fashion(tmp_path, monkeypatch, steps=5)
+    processors = [type(m.processor) for m in pipe.transformer.modules() if hasattr(m, "processor")]
+    with torch.no_grad():
+        before = pipe(class_labels=[1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    monkeypatch.setattr(token_change, "RESULTS", tmp_path / "results")
+    token_change.main(["--models", "fashion", "--samples", "10"])
+    result = json.loads((tmp_path / "results" / "token-change.json").read_text())["results"]["fashion"]
+    assert result["calls"] == 5 and len(result["blocks"]) == 6  # attn1, attn2, ff of 2 blocks
+    for stats in result["blocks"].values():
+        capture = stats["captured_at_25"]
+        assert set(capture) == {"oracle", *token_change.SCORES}
+        assert all(capture["oracle"] >= v - 1e-9 for v in capture.values())  # nothing beats the oracle
+        assert stats["top_share"]["0.1"] >= 0.1 - 1e-9 and stats["top_share"]["0.25"] >= 0.25 - 1e-9
+        assert all(-1 <= rho <= 1 for rho in stats["spearman"].values())
+        assert len(stats["step_mean_relative_change"]) == 4
+    assert "cross_attention_entropy" in (tmp_path / "results" / "token-change.md").read_text()
+    # the hooks and scoring processors are gone: the model samples as before
+    assert [type(m.processor) for m in pipe.transformer.modules() if hasattr(m, "processor")] == processors
+    with torch.no_grad():
+        after = pipe(class_labels=[1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(before, after)

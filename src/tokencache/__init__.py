@@ -10,7 +10,7 @@
 from . import models as _models  # noqa: F401  (registers the model families' layouts, shapes and presets)
 from .core.compile import compile
 from .core.forecast import ForecastConfig
-from .core.handle import CacheHandle, CacheStats, apply
+from .core.handle import CacheHandle, CacheStats, ExpertsHandle, apply
 from .core.layouts import BlockLayout, ModuleSlot, register_layout, supported_block_classes
 from .core.plan import Plan, plan
 from .core.presets import preset, presets
@@ -29,6 +29,7 @@ __all__ = [
     "CalibrationConfig",
     "CacheStats",
     "DepthRamp",
+    "ExpertsHandle",
     "FORAConfig",
     "ForecastConfig",
     "ModuleSlot",

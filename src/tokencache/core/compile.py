@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .handle import CacheHandle
+from .handle import CacheHandle, ExpertsHandle
 from .hooks import MODULE_HOOK, ModuleCacheHook, is_applied, resolve_target
 from .processors import FluxScoringAttnProcessor, ScoringAttnProcessor
 from .small_linear import SMALL_LINEAR_HOOK
@@ -75,7 +75,8 @@ def has_small_batch_linear(transformer: nn.Module) -> bool:
 def compile(target: Any, *, model: bool | None = None, **compile_kwargs: Any) -> int:  # noqa: A001 (as torch.compile)
     """Compile a transformer :func:`tokencache.apply` cached, with a bounded number of compiles.
 
-    ``target``: the :class:`CacheHandle`, or the pipeline or transformer the cache was applied to.
+    ``target``: the :class:`CacheHandle`, or the pipeline or transformer the cache was applied to (both experts
+    of a two-expert pipeline or :class:`ExpertsHandle`).
     ``compile_kwargs`` go to ``torch.compile`` (``backend``, ``mode``, ``options``...). Call it after
     ``tc.apply``, and again after a new ``tc.apply``: ``handle.remove()`` drops the compiled modules with the
     hooks (the in-place compile of the transformer stays, as after ``transformer.compile()``).
@@ -90,6 +91,12 @@ def compile(target: Any, *, model: bool | None = None, **compile_kwargs: Any) ->
 
     Returns how many cached modules were compiled.
     """
+    if isinstance(target, ExpertsHandle):
+        target._check_live()
+        return sum(compile(expert, model=model, **compile_kwargs) for expert in target.transformers.values())
+    if getattr(target, "transformer_2", None) is not None:  # a two-expert pipeline (Wan 2.2 A14B): both experts
+        experts = (resolve_target(target)[0], target.transformer_2)
+        return sum(compile(expert, model=model, **compile_kwargs) for expert in experts)
     transformer = target.transformer if isinstance(target, CacheHandle) else resolve_target(target)[0]
     if isinstance(target, CacheHandle):
         target._check_live()

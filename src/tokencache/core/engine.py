@@ -173,16 +173,18 @@ class RunRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     """With timing on: seconds spent in full and cached steps, and in the engine's selection, gather and
     scatter."""
+    run: int = 0
+    """The announced run this record belongs to (:attr:`tokencache.core.state.StepTracker.run`)."""
 
 
 class CacheEngine:
     def __init__(self, config: Any, transformer: nn.Module, blocks: list[BlockEntry], pipeline: Any | None,
-                 selector: Any | None) -> None:
+                 selector: Any | None, tracker: StepTracker | None = None) -> None:
         self.config = config
         self.transformer = transformer
         self.blocks = blocks
         self.selector = selector
-        self.tracker = StepTracker([pipeline] if pipeline is not None else [])
+        self.tracker = tracker if tracker is not None else StepTracker([pipeline] if pipeline is not None else [])
         self.cache_dtype: torch.dtype | None = getattr(config, "cache_dtype", None)
         forecast = getattr(config, "forecast", None)
         self.forecast = forecast if forecast is not None and forecast.order > 0 else None
@@ -240,6 +242,7 @@ class CacheEngine:
         if tracker.locate(timestep):
             self.finish_run()
             self.reset()
+            self.record.run = tracker.run
             self._check_run(num_tokens, grid)
             self.policy = self.config.build_policy(tracker.num_steps, len(self.blocks))
             self.table = ratio_table(self.policy, self.blocks)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -25,6 +25,7 @@ from .layouts import check_config_fits, find_blocks
 from .plan import default_num_tokens
 from .processors import scoring_processor, unsupported_reason
 from .small_linear import DEFAULT_SMALL_BATCH_LINEAR, SmallBatchLinearConfig, install_small_batch_linear
+from .state import ExpertSegment, RunAnnouncer, StepTracker
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class CacheStats:
     seconds: dict[str, float]
     """Only with ``handle.timing(True)``: wall-clock seconds of full steps, cached steps, and the engine's
     token selection, gather and scatter."""
+    experts: dict[str, CacheStats] = field(default_factory=dict)
+    """For a two-expert pipeline (Wan 2.2 A14B), each expert's own statistics (``transformer``,
+    ``transformer_2``), of which the fields above are the totals; empty otherwise."""
 
     @property
     def speedup(self) -> float:
@@ -62,7 +66,8 @@ class CacheStats:
         return self.flops_full / self.flops if self.flops else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "speedup": self.speedup}
+        return {**asdict(self), "speedup": self.speedup,
+                "experts": {name: part.to_dict() for name, part in self.experts.items()}}
 
     def __str__(self) -> str:
         fractions = ", ".join(f"{k} {v:.1%}" for k, v in sorted(self.fresh_fraction.items()))
@@ -72,7 +77,9 @@ class CacheStats:
             f"  tokens recomputed: {fractions}\n"
             f"  FLOPs: {self.flops / 1e9:.2f} G of {self.flops_full / 1e9:.2f} G uncached -> {self.speedup:.2f}x\n"
             f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB, score state: {self.score_bytes / 2**10:.1f} KiB"
-        )
+        ) + "".join(f"\n  {name}: {part.num_steps} steps ({part.full_steps} full, {part.partial_steps} partial, "
+                    f"{part.reuse_steps} reuse), {part.flops / 1e9:.2f} G of {part.flops_full / 1e9:.2f} G FLOPs "
+                    f"-> {part.speedup:.2f}x" for name, part in self.experts.items())
 
 
 def _stats_from(method: str, record: RunRecord) -> CacheStats:
@@ -169,9 +176,121 @@ class CacheHandle:
                                "to cache the model")
 
 
+def _merged(records: list[RunRecord]) -> RunRecord:
+    """One record adding up the experts' records of a run, their steps in order."""
+    total = RunRecord()
+    for record in records:
+        total.step_kinds += record.step_kinds
+        total.num_steps += record.num_steps
+        total.model_evaluations += record.model_evaluations
+        for totals, part in ((total.tokens_computed, record.tokens_computed), (total.tokens_total, record.tokens_total),
+                             (total.seconds, record.seconds)):
+            for key, value in part.items():
+                totals[key] = totals.get(key, 0) + value
+        total.flops += record.flops
+        total.flops_full += record.flops_full
+        total.forecast_flops += record.forecast_flops
+        total.cache_bytes += record.cache_bytes
+        total.score_bytes += record.score_bytes
+    total.cfg_shared = bool(records) and all(r.cfg_shared for r in records)
+    return total
+
+
+class ExpertsHandle:
+    """Returned by :func:`apply` for a pipeline with two experts (Wan 2.2 A14B: ``transformer`` makes the high-noise
+    steps, ``transformer_2`` the low-noise ones): one cache per expert, each with its own engine and state, each laid
+    over the steps its expert makes as a run of its own (its first step is full, the config's schedule applies
+    within it)."""
+
+    def __init__(self, experts: dict[str, CacheHandle], announcer: RunAnnouncer) -> None:
+        self._experts = experts
+        self._announcer = announcer
+        self.transformers = {name: handle.transformer for name, handle in experts.items()}
+        """The cached experts by pipeline attribute: ``transformer``, ``transformer_2``."""
+        first = next(iter(experts.values()))
+        self.config = first.config
+        self.small_batch_linear = first.small_batch_linear
+        self._removed = False
+
+    def stats(self) -> CacheStats:
+        """Totals over the experts, each expert's own in ``experts``: of the latest run in which an expert completed
+        its steps (or of the run in progress, if none has); an expert that run gave no step reports none."""
+        engines = {name: handle._engine for name, handle in self._experts.items()}
+        completed = [e.last_record.run for e in engines.values() if e.last_record is not None]
+        started = [e.record.run for e in engines.values() if e.record.num_steps]
+        if not completed and not started:
+            raise RuntimeError("no sampling run has been made with this cache yet")
+        run = max(completed or started)
+        records = {}
+        for name, engine in engines.items():
+            found = [r for r in (engine.last_record, engine.record) if r is not None and r.num_steps and r.run == run]
+            records[name] = found[0] if found else RunRecord(run=run)
+        method = type(self.config).__name__.removesuffix("Config")
+        total = _stats_from(method, _merged(list(records.values())))
+        return replace(total, experts={name: _stats_from(method, r) for name, r in records.items()})
+
+    def sampling(self, num_steps: int) -> contextlib.AbstractContextManager:
+        """Not for two experts: which steps each expert makes comes from the pipeline's scheduler."""
+        raise RuntimeError("a two-expert pipeline's cache lays each expert over the steps the pipeline's scheduler "
+                           "and boundary_ratio give it; in a hand-written loop, apply a cache to each transformer "
+                           "(tc.apply(pipe.transformer, config), tc.apply(pipe.transformer_2, config)) and mark "
+                           "each one's steps with its own handle.sampling(num_steps=...)")
+
+    def attach(self, pipeline: Any) -> ExpertsHandle:
+        """Follow the runs of another pipeline built on the same two experts (see :meth:`CacheHandle.attach`)."""
+        self._check_live()
+        if any(getattr(pipeline, name, None) is not module for name, module in self.transformers.items()) or (
+                not hasattr(pipeline, "scheduler")):
+            raise ValueError("pipeline.transformer and pipeline.transformer_2 are not the two transformers this "
+                             "cache is applied to")
+        self._announcer.follow(pipeline)
+        return self
+
+    def timing(self, enabled: bool = True) -> None:
+        """Measure wall-clock seconds in :meth:`stats` (``seconds``), in both experts."""
+        self._check_live()
+        for handle in self._experts.values():
+            handle.timing(enabled)
+
+    def remove(self) -> None:
+        """Remove both experts' caches: each model is exactly as before :func:`apply`."""
+        self._check_live()
+        for handle in reversed(list(self._experts.values())):
+            handle.remove()
+        self._removed = True
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this cache handle was removed (handle.remove() was called); call tc.apply again "
+                               "to cache the models")
+
+
+def pipeline_experts(pipeline: Any, transformer: nn.Module) -> list[tuple[ExpertSegment, nn.Module]] | None:
+    """The experts of a two-expert pipeline (``transformer_2`` set: Wan 2.2 A14B), or None for one transformer."""
+    second = getattr(pipeline, "transformer_2", None) if pipeline is not None else None
+    if second is None:
+        return None
+    if not isinstance(second, nn.Module):
+        raise TypeError(f"pipeline.transformer_2 must be a transformer nn.Module or None; got {type(second).__name__}")
+    if second is transformer:
+        raise ValueError("pipeline.transformer_2 is pipeline.transformer: one model cannot hold a cache for each "
+                         "expert. Give each expert its own model, or set transformer_2 to None")
+    if not hasattr(pipeline.config, "boundary_ratio"):
+        raise ValueError(f"{type(pipeline).__name__} has a transformer_2 but no boundary_ratio: tokencache follows "
+                         "two experts where the pipeline switches from transformer to transformer_2 at "
+                         "boundary_ratio (Wan 2.2); apply a cache to each transformer and mark its steps with "
+                         "handle.sampling()")
+    return [(ExpertSegment("transformer", low_noise=False), transformer),
+            (ExpertSegment("transformer_2", low_noise=True), second)]
+
+
 def apply(target: Any, config: Any,
-          small_batch_linear: SmallBatchLinearConfig | None = DEFAULT_SMALL_BATCH_LINEAR) -> CacheHandle:
+          small_batch_linear: SmallBatchLinearConfig | None = DEFAULT_SMALL_BATCH_LINEAR,
+          ) -> CacheHandle | ExpertsHandle:
     """Attach the cache described by ``config`` to a diffusers pipeline (its ``transformer``) or a transformer.
+
+    A pipeline with two experts (``transformer_2`` set, Wan 2.2 A14B) gets a cache on each, each laid over the
+    steps the pipeline's ``boundary_ratio`` gives its expert as a run of its own: an :class:`ExpertsHandle`.
 
     ``small_batch_linear``: also compute the transformer's conditioning linears (outside the attention and
     MLP modules: the per-step adaLN modulation and timestep embedders, one row per sample) as ``W @ xᵀ``
@@ -187,6 +306,54 @@ def apply(target: Any, config: Any,
         raise TypeError(f"small_batch_linear must be a SmallBatchLinearConfig or None; "
                         f"got {type(small_batch_linear).__name__}")
     transformer, pipeline = resolve_target(target)
+    experts = pipeline_experts(pipeline, transformer)
+    if experts is None:
+        return _prepare(config, transformer, pipeline).install(small_batch_linear)
+    announcer = RunAnnouncer()
+    announcer.follow(pipeline)
+    prepared = []
+    for segment, module in experts:  # every check on both experts before either is touched
+        try:
+            prepared.append(_prepare(config, module, pipeline, StepTracker([], announcer, segment)))
+        except (TypeError, ValueError, RuntimeError) as error:
+            if type(error) not in (TypeError, ValueError, RuntimeError):
+                raise
+            raise type(error)(f"pipeline.{segment.name} ({type(module).__name__}): {error}") from error
+    return ExpertsHandle({segment.name: cache.install(small_batch_linear)
+                          for (segment, _), cache in zip(experts, prepared, strict=True)}, announcer)
+
+
+@dataclass(frozen=True)
+class _PreparedCache:
+    """One transformer's cache, checked and built, before any hook is registered."""
+
+    engine: CacheEngine
+    scoring: list[tuple[int, nn.Module, str]]
+    """(block index, attention module, statistic) of each block whose attention reports the score."""
+
+    def install(self, small_batch_linear: SmallBatchLinearConfig | None) -> CacheHandle:
+        """Register the hooks and scoring processors on the transformer."""
+        engine = self.engine
+        transformer, blocks, selector = engine.transformer, engine.blocks, engine.selector
+        installer = HookInstaller()
+        processors: list[tuple[nn.Module, Any]] = []
+        for index, attn, statistic in self.scoring:
+            processors.append((attn, attn.processor))
+            attn.set_processor(scoring_processor(attn, statistic, lambda i=index: engine.statistic_sink(i),
+                                                 selector.config.score_chunk_size))
+        installer.register(transformer, TransformerHook(engine), TRANSFORMER_HOOK)
+        for block in blocks:
+            for slot, module in block.slots():
+                installer.register(module, ModuleCacheHook(engine, block, slot), MODULE_HOOK)
+        if small_batch_linear is not None:
+            install_small_batch_linear(transformer, small_batch_linear, installer, blocks)
+        invalidate_registry_caches(transformer)
+        return CacheHandle(engine, installer, processors, transformer, small_batch_linear)
+
+
+def _prepare(config: Any, transformer: nn.Module, pipeline: Any | None,
+             tracker: StepTracker | None = None) -> _PreparedCache:
+    """Check that ``config`` can cache ``transformer`` and build its engine; touches no module."""
     check_not_compiled(transformer)
     if is_applied(transformer):
         raise RuntimeError(f"a tokencache cache is already applied to this {type(transformer).__name__}; "
@@ -201,7 +368,7 @@ def apply(target: Any, config: Any,
             num_tokens = None
         config.validate_model(transformer, len(blocks), num_tokens)
     selector = config.build_selector()
-    engine = CacheEngine(config, transformer, blocks, pipeline, selector)
+    engine = CacheEngine(config, transformer, blocks, pipeline, selector, tracker)
 
     scoring: list[tuple[int, nn.Module, str]] = []
     needs = selector.attention_statistic if selector is not None else None
@@ -217,18 +384,4 @@ def apply(target: Any, config: Any,
             if reason is not None:
                 raise ValueError(f"score {score!r}: {reason} ({block.name})")
             scoring.append((block.index, modules[0], statistic))
-
-    installer = HookInstaller()
-    processors: list[tuple[nn.Module, Any]] = []
-    for index, attn, statistic in scoring:
-        processors.append((attn, attn.processor))
-        attn.set_processor(scoring_processor(attn, statistic, lambda i=index: engine.statistic_sink(i),
-                                             selector.config.score_chunk_size))
-    installer.register(transformer, TransformerHook(engine), TRANSFORMER_HOOK)
-    for block in blocks:
-        for slot, module in block.slots():
-            installer.register(module, ModuleCacheHook(engine, block, slot), MODULE_HOOK)
-    if small_batch_linear is not None:
-        install_small_batch_linear(transformer, small_batch_linear, installer, blocks)
-    invalidate_registry_caches(transformer)
-    return CacheHandle(engine, installer, processors, transformer, small_batch_linear)
+    return _PreparedCache(engine, scoring)

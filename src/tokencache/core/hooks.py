@@ -61,6 +61,9 @@ class TransformerHook(ModelHook):
         self.engine.end_call()
 
     def reset_state(self, module: nn.Module) -> nn.Module:
+        # diffusers resets stateful hooks at the end of a pipeline call: a run whose end the calls could not show
+        # (one model evaluation, e.g. a two-expert pipeline's one-step segment) keeps its statistics
+        self.engine.finish_run()
         self.engine.reset()
         return module
 

@@ -153,7 +153,9 @@ class RunLayout:
         return None if self.eval_steps is None else len(self.eval_steps)
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any) -> RunLayout:
+    def from_scheduler(cls, scheduler: Any, keep: list[bool] | None = None) -> RunLayout:
+        """The run's layout; ``keep``: per model evaluation, whether this transformer makes it (one expert of a
+        two-expert pipeline): its evaluations then form a run of their own, its steps numbered from 0."""
         values = [float(v) for v in scheduler.timesteps.reshape(-1).tolist()]
         count = len(values)
         order = getattr(scheduler, "order", 1)
@@ -168,8 +170,86 @@ class RunLayout:
                     step += 1
             if step == steps:
                 eval_steps = grouped
+        if keep is not None:
+            kept = [i for i in range(count) if keep[i]]
+            renumbered = {step: n for n, step in enumerate(dict.fromkeys(eval_steps[i] for i in kept))}
+            eval_steps = [renumbered[eval_steps[i]] for i in kept]
+            values = [values[i] for i in kept]
+            count = len(kept)
         repeats = tuple(i > 0 and values[i] == values[i - 1] for i in range(count))
         return cls(eval_steps[-1] + 1 if eval_steps else 0, tuple(eval_steps), repeats)
+
+
+@dataclass(frozen=True)
+class ExpertSegment:
+    """The model evaluations one expert of a two-expert pipeline makes in each run.
+
+    Wan 2.2 A14B (diffusers' ``WanPipeline`` and ``WanImageToVideoPipeline`` with ``transformer_2``) runs
+    ``transformer`` (high noise) at the timesteps ``t >= boundary_ratio * num_train_timesteps`` and ``transformer_2``
+    (low noise) below them; without a ``boundary_ratio``, ``transformer`` alone. The rule is read from the pipeline
+    that announces each run, with the pipeline's own comparison, so the split is the pipeline's to the last step.
+    """
+
+    name: str
+    """The pipeline attribute holding the expert: ``transformer`` or ``transformer_2``."""
+    low_noise: bool
+
+    def keep(self, pipeline: Any) -> list[bool]:
+        """Per model evaluation of the run ``pipeline``'s scheduler has set, whether this expert makes it."""
+        scheduler = pipeline.scheduler
+        timesteps = scheduler.timesteps.reshape(-1)
+        ratio = getattr(pipeline.config, "boundary_ratio", None)
+        if ratio is None:
+            high = torch.ones(timesteps.shape, dtype=torch.bool)
+        else:
+            high = (timesteps >= ratio * scheduler.config.num_train_timesteps).cpu()
+        return (~high if self.low_noise else high).tolist()
+
+    def check_first_call(self, pipeline: Any, timestep: float) -> None:
+        """Raise unless ``timestep`` is where this expert's part of the run begins."""
+        timesteps = pipeline.scheduler.timesteps.reshape(-1).tolist()
+        values = [float(v) for v, kept in zip(timesteps, self.keep(pipeline), strict=True) if kept]
+        if values and values[0] == timestep:
+            return
+        ratio = getattr(pipeline.config, "boundary_ratio", None)
+        rule = ("the pipeline has no boundary_ratio, so transformer runs every step" if ratio is None else
+                f"the pipeline's boundary_ratio {ratio:g} gives transformer the timesteps >= "
+                f"{ratio * pipeline.scheduler.config.num_train_timesteps:g} and transformer_2 the others")
+        where = f"its first is {values[0]:g}" if values else "none of this run's timesteps is its own"
+        raise RuntimeError(f"pipeline.{self.name} was called at timestep {timestep:g}, but {rule}: {where}. "
+                           "tokencache lays each expert's cache over the steps this rule gives it")
+
+
+class RunAnnouncer:
+    """Watches the schedulers of the pipelines a cache follows: a new ``timesteps`` tensor (``set_timesteps``
+    replaces it) announces a sampling run. The trackers of a two-expert pipeline's transformers share one, so
+    they count the same runs."""
+
+    def __init__(self) -> None:
+        self.pipelines: list[Any] = []
+        self._timesteps_seen: dict[int, Any] = {}
+        self.run = 0
+        """Runs announced so far."""
+        self.source: Any = None
+        """The pipeline whose scheduler announced the latest run."""
+
+    def follow(self, pipeline: Any) -> None:
+        """Announce runs from this pipeline's scheduler too (timesteps set before now are not a run)."""
+        if any(p is pipeline for p in self.pipelines):
+            return
+        self.pipelines.append(pipeline)
+        self._timesteps_seen[id(pipeline)] = pipeline.scheduler.timesteps
+
+    def poll(self) -> None:
+        announced = None
+        for pipeline in self.pipelines:
+            timesteps = pipeline.scheduler.timesteps
+            if timesteps is not None and timesteps is not self._timesteps_seen.get(id(pipeline)):
+                self._timesteps_seen[id(pipeline)] = timesteps
+                announced = announced or pipeline
+        if announced is not None:
+            self.run += 1
+            self.source = announced
 
 
 class StepTracker:
@@ -182,24 +262,30 @@ class StepTracker:
     (one when CFG is batched, two for separate conditional and unconditional calls), and every
     evaluation after it has as many. A call that does not fit (more or fewer calls than that, a timestep
     that changes where the scheduler repeats it, a new run no followed scheduler announced) raises: the
-    cache is never carried into a run it does not belong to.
+    cache is never carried into a run it does not belong to. One expert of a two-expert pipeline (Wan 2.2
+    A14B, see :class:`ExpertSegment`) lays its calls over its own evaluations of each run only: they are its run.
     """
 
-    def __init__(self, pipelines: list[Any]) -> None:
-        self.pipelines: list[Any] = []
-        self._timesteps_seen: dict[int, Any] = {}
+    def __init__(self, pipelines: list[Any], announcer: RunAnnouncer | None = None,
+                 segment: ExpertSegment | None = None) -> None:
+        self.announcer = announcer if announcer is not None else RunAnnouncer()
+        self.segment = segment
+        """For one expert of a two-expert pipeline: its evaluations of each run, which form its own run."""
         for pipeline in pipelines:
             self.follow(pipeline)
+        self.run = self.announcer.run
+        """The announced run the current layout belongs to (the announcer's count)."""
         self.manual_steps: int | None = None
         self._manual_new_run = False
         self.reset()
 
+    @property
+    def pipelines(self) -> list[Any]:
+        return self.announcer.pipelines
+
     def follow(self, pipeline: Any) -> None:
         """Announce runs from this pipeline's scheduler too (timesteps set before now are not a run)."""
-        if any(p is pipeline for p in self.pipelines):
-            return
-        self.pipelines.append(pipeline)
-        self._timesteps_seen[id(pipeline)] = pipeline.scheduler.timesteps
+        self.announcer.follow(pipeline)
 
     def reset(self) -> None:
         self.layout: RunLayout | None = None
@@ -259,13 +345,13 @@ class StepTracker:
                 return None
             self._manual_new_run = False
             return RunLayout(self.manual_steps, None, None)
-        announced = None
-        for pipeline in self.pipelines:
-            timesteps = pipeline.scheduler.timesteps
-            if timesteps is not None and timesteps is not self._timesteps_seen.get(id(pipeline)):
-                self._timesteps_seen[id(pipeline)] = timesteps
-                announced = announced or RunLayout.from_scheduler(pipeline.scheduler)
-        return announced
+        announcer = self.announcer
+        announcer.poll()
+        if announcer.run == self.run:
+            return None
+        self.run = announcer.run
+        keep = self.segment.keep(announcer.source) if self.segment is not None else None
+        return RunLayout.from_scheduler(announcer.source.scheduler, keep)
 
     def locate(self, timestep: Any) -> bool:
         """Advance for one transformer call; returns True when this call starts a new run."""
@@ -274,6 +360,8 @@ class StepTracker:
         t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
         layout = self._announced_layout()
         if layout is not None:
+            if self.segment is not None and self.manual_steps is None:
+                self.segment.check_first_call(self.announcer.source, t)
             if layout.num_steps < 1:
                 raise RuntimeError("the scheduler's timesteps are empty: there is no step to run")
             self.reset()

@@ -91,7 +91,8 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
             guidance: float = DEFAULT_GUIDANCE, repeats: int = 3, reference_steps: dict[str, int] | None = None,
             progress: bool = True, clocks: Clocks | None = None,
             tolerance: float = TOLERANCE,
-            fd_to_real: Callable[[torch.Tensor], float] | None = None) -> list[dict[str, Any]]:
+            fd_to_real: Callable[[torch.Tensor], float] | None = None,
+            on_record: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Run every method on the same classes and seed; returns one record per method, in ``methods`` order.
 
     Timing is interleaved in rounds, per sampler: the uncached reference run, then one run of each method; a
@@ -101,7 +102,9 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
     (the same in every round) with the reference's. A no-cache row is timed like any other, so its speed-up
     (about 1) shows the timing noise of the machine. ``timing_warnings`` lists why a row's CPU-time speed-up
     should not be believed (rounds disagreeing by more than ``tolerance``, an uncached row off 1x).
-    ``fd_to_real(images)`` gives a record's FD (default: against the held-out digits)."""
+    ``fd_to_real(images)`` gives a record's FD (default: against the held-out digits). ``on_record(i, record)``
+    is called as soon as the record of ``methods[i]`` is complete (unavailable rows first, then each method right
+    after its run of the last round), so that a caller can save what was measured before a long sweep ends."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     reference_steps = reference_steps or {"ddim": 50, "ddpm": 250}
@@ -118,6 +121,8 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
         if method.unavailable:
             records[i] = dict(method=method.name, family=method.family, sampler=method.sampler, steps=method.steps,
                               **method.extra, unavailable=method.unavailable)
+            if on_record is not None:
+                on_record(i, records[i])
         else:
             groups.setdefault(method.sampler, []).append(i)
     bar = tqdm(total=repeats * sum(1 + len(g) for g in groups.values()), desc="sampling runs", disable=not progress)
@@ -128,9 +133,8 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
             ref_steps = reference_steps[sampler]
             ref_timings: list[Timing] = []
             timings: dict[int, list[Timing]] = {i: [] for i in group}
-            images_of: dict[int, torch.Tensor] = {}
-            stats_of: dict[int, Any] = {}
-            for _ in range(repeats):
+            ref_flops = uncached_flops(pipe, ref_steps, labels, guidance)
+            for round_ in range(repeats):
                 bar.set_postfix_str(f"no cache ({sampler.upper()}-{ref_steps})")
                 ref_images, timing = _sample(pipe, labels, ref_steps, seed, guidance, clocks)
                 ref_timings.append(timing)
@@ -139,47 +143,55 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
                     method = methods[i]
                     bar.set_postfix_str(method.name)
                     with _attached(pipe, method) as handle:
-                        images_of[i], timing = _sample(pipe, labels, method.steps, seed, guidance, clocks)
-                        stats_of[i] = handle.stats() if handle is not None else None
+                        images, timing = _sample(pipe, labels, method.steps, seed, guidance, clocks)
+                        stats = handle.stats() if handle is not None else None
                     timings[i].append(timing)
                     bar.update()
-            ref_flops = uncached_flops(pipe, ref_steps, labels, guidance)
-            for i in group:
-                method, images, stats = methods[i], images_of[i], stats_of[i]
-                pairs = list(zip(ref_timings, timings[i], strict=True))
-                record: dict[str, Any] = dict(method=method.name, family=method.family, sampler=method.sampler,
-                                              steps=method.steps, **method.extra)
-                if stats is not None:
-                    flops = stats.flops
-                    record.update(full_steps=stats.full_steps, partial_steps=stats.partial_steps,
-                                  reuse_steps=stats.reuse_steps, cache_mib=stats.cache_bytes / 2**20)
-                else:
-                    flops = uncached_flops(pipe, method.steps, labels, guidance)
-                cpu = speedup_spread(pairs, "cpu", tolerance)
-                wall = speedup_spread(pairs, "wall", tolerance)
-                uncached = method.config is None and method.attach is None and method.steps == ref_steps
-                record.update(
-                    flops_speedup=ref_flops / flops if method.attach is None else None,
-                    measured_speedup=wall.median,
-                    measured_speedup_range=[wall.low, wall.high],
-                    seconds=statistics.median(own.wall for _, own in pairs),
-                    cpu_speedup=cpu.median,
-                    cpu_speedup_range=[cpu.low, cpu.high],
-                    cpu_speedup_spread=cpu.relative,
-                    cpu_seconds=statistics.median(own.cpu for _, own in pairs),
-                    timing_warnings=timing_problems(method.name, cpu, uncached),
-                    repeats=repeats,
-                    psnr=psnr(images, ref_images),
-                    ssim=ssim(images, ref_images),
-                    fd=fd_to_real(images),
-                    accuracy=class_accuracy(images, labels, classifier),
-                    images=images,
-                )
-                records[i] = record
+                    if round_ == repeats - 1:  # its last run: the record is complete
+                        records[i] = _record(pipe, classifier, method, images, stats, ref_images, ref_steps,
+                                             ref_flops, list(zip(ref_timings, timings[i], strict=True)), labels,
+                                             guidance, repeats, tolerance, fd_to_real)
+                        if on_record is not None:
+                            on_record(i, records[i])
     finally:
         pipe.scheduler = original_scheduler
         bar.close()
     return [r for r in records if r is not None]
+
+
+def _record(pipe: Any, classifier: Any, method: Method, images: torch.Tensor, stats: Any, ref_images: torch.Tensor,
+            ref_steps: int, ref_flops: int, pairs: list[tuple[Timing, Timing]], labels: list[int], guidance: float,
+            repeats: int, tolerance: float, fd_to_real: Callable[[torch.Tensor], float]) -> dict[str, Any]:
+    """One method's record: FLOPs, speed-ups over the (reference, method) timing pairs of every round, quality."""
+    record: dict[str, Any] = dict(method=method.name, family=method.family, sampler=method.sampler,
+                                  steps=method.steps, **method.extra)
+    if stats is not None:
+        flops = stats.flops
+        record.update(full_steps=stats.full_steps, partial_steps=stats.partial_steps,
+                      reuse_steps=stats.reuse_steps, cache_mib=stats.cache_bytes / 2**20)
+    else:
+        flops = uncached_flops(pipe, method.steps, labels, guidance)
+    cpu = speedup_spread(pairs, "cpu", tolerance)
+    wall = speedup_spread(pairs, "wall", tolerance)
+    uncached = method.config is None and method.attach is None and method.steps == ref_steps
+    record.update(
+        flops_speedup=ref_flops / flops if method.attach is None else None,
+        measured_speedup=wall.median,
+        measured_speedup_range=[wall.low, wall.high],
+        seconds=statistics.median(own.wall for _, own in pairs),
+        cpu_speedup=cpu.median,
+        cpu_speedup_range=[cpu.low, cpu.high],
+        cpu_speedup_spread=cpu.relative,
+        cpu_seconds=statistics.median(own.cpu for _, own in pairs),
+        timing_warnings=timing_problems(method.name, cpu, uncached),
+        repeats=repeats,
+        psnr=psnr(images, ref_images),
+        ssim=ssim(images, ref_images),
+        fd=fd_to_real(images),
+        accuracy=class_accuracy(images, labels, classifier),
+        images=images,
+    )
+    return record
 
 
 def uncached_flops(pipe: Any, steps: int, labels: list[int], guidance: float) -> int:
