@@ -242,3 +242,40 @@ def test_sample_and_eval_on_the_shipped_fashion_model(tmp_path, capsys):
     assert main(["eval", "--samples", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["num_samples"] == 2 and result["num_real"] == 10000
+
+
+def test_quality_report_merges_sample_counts_and_judges_the_bar_only_at_its_count(tmp_path, monkeypatch, tiny_pipe):
+    from safetensors.torch import save_file
+
+    from tokencache.demo.classifier import DigitClassifier, save_classifier
+    from tokencache.demo.fashion import quality
+    from tokencache.demo.fashion.reference import FD_REFERENCE, feature_stats
+
+    torch.manual_seed(0)
+    tiny_pipe.transformer.save_pretrained(tmp_path / "transformer")
+    tiny_pipe.scheduler.save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "training.json").write_text(json.dumps({"steps_done": 5}))
+    clf = DigitClassifier(image_size=28).eval()
+    save_classifier(clf, tmp_path, extra={"fd_real_halves": 1e9, "fd_real_same_n": {"10": 1e9, "20": 1e9}})
+    save_file(feature_stats(torch.rand(30, 1, 28, 28) * 2 - 1, clf), str(tmp_path / FD_REFERENCE))
+    # a bar every run meets, defined at 20 samples: only the 20-sample run may say so
+    monkeypatch.setattr(quality, "ACCURACY_BAR", 0.0)
+    monkeypatch.setattr(quality, "BAR_SAMPLES", 20)
+    kw = dict(steps=2, num_threads=None)
+
+    report = quality.write_quality_report(tmp_path, (1.0, 2.0), n_per_class=1, **kw)  # the curve, 10 samples
+    assert [r["meets_bar"] for r in report["runs"]] == [None, None] and report["bar_met_at_guidance"] == []
+    report = quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, **kw)
+    assert [(r["n_samples"], r["guidance"]) for r in report["runs"]] == [(10, 1.0), (10, 2.0), (20, 2.0)]
+    assert [r["meets_bar_same_n"] for r in report["runs"]] == [None, None, True]
+    assert report["bar_met_at_guidance"] == report["same_n_bar_met_at_guidance"] == [2.0]
+    assert json.loads((tmp_path / "quality.json").read_text()) == json.loads(json.dumps(report))
+    # re-measuring a run replaces it; without merge only the new runs are written
+    report = quality.write_quality_report(tmp_path, (1.0,), n_per_class=1, merge=True, **kw)
+    assert [(r["n_samples"], r["guidance"]) for r in report["runs"]] == [(10, 1.0), (10, 2.0), (20, 2.0)]
+    fresh = quality.write_quality_report(tmp_path, (1.0,), n_per_class=1, **kw)
+    assert len(fresh["runs"]) == 1
+    # runs of other weights are not merged
+    (tmp_path / "training.json").write_text(json.dumps({"steps_done": 6}))
+    with pytest.raises(ValueError, match="training step 5"):
+        quality.write_quality_report(tmp_path, (1.0,), n_per_class=1, merge=True, **kw)

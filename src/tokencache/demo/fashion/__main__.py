@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the shipped setting)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     p.add_argument("--out", default=None, help="report path (default FOLDER/quality.json)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the runs already in the report (same training step) that this call does not re-measure "
+                   "(same guidance, sample count, steps, seed), e.g. a 200-sample curve next to a 1,000-sample run")
     p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.command == "quality":
@@ -54,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .quality import write_quality_report
 
         write_quality_report(args.folder, args.guidance, args.per_class, args.steps or DEFAULT_STEPS,
-                             classifier_folder=args.classifier, num_threads=args.threads, out=args.out)
+                             classifier_folder=args.classifier, num_threads=args.threads, out=args.out,
+                             merge=args.merge)
     if args.command == "classifier":
         from .reference import train_fashion_classifier
 
