@@ -242,3 +242,23 @@ def test_checkpoint_with_other_settings_fails_before_any_sampling(tmp_path, monk
     with pytest.raises(CheckpointMismatchError, match=r"CalibrationConfig.budget: 0.8125 there, 0.3 now") as info:
         calibrate(pipe, CalibrationConfig(**{**base, "budget": 0.3}))
     assert info.value.differences == {"budget": (0.8125, 0.3)} and calls == []
+
+
+def test_calibration_fails_early_when_the_runs_will_not_fit_in_memory(monkeypatch):
+    """Every run records as much as the first; when the rest cannot fit, calibration stops after the first run
+    with an error naming the settings to lower, instead of being killed for memory later."""
+    import tokencache.methods.token_cache_calibration as calibration
+
+    pipe = tiny_dit_pipeline()
+    runs_started = []
+    config = CalibrationConfig(calls=class_calls(10, 2, 3, output_type="np"), num_steps=4, iterations=2,
+                               schedule=tc.TPRR(1, 1, 0.5), progress=False)
+    original_call = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__",
+                        lambda self, *a, **k: runs_started.append(1) or original_call(self, *a, **k))
+    monkeypatch.setattr(calibration, "_available_memory_bytes", lambda: 1024)
+    with pytest.raises(MemoryError, match=r"other 2 runs need .* --runs R --per-call P"):
+        calibrate(pipe, config)
+    assert len(runs_started) == 1
+    monkeypatch.setattr(calibration, "_available_memory_bytes", lambda: None)  # unknown: no check
+    assert calibrate(pipe, config) is not None

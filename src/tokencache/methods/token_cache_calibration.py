@@ -230,7 +230,39 @@ def record_trajectories(transformer: nn.Module, blocks: list[BlockEntry], run: C
                 raise RuntimeError(f"calibration run {i} called the transformer {len(current)} times for "
                                    f"{num_steps} steps; calibrate needs one (CFG-batched) call per step")
             runs.append(current)
+            if i == 0 and num_runs > 1:
+                _check_room_for_runs(_record_bytes(current), num_runs)
     return runs
+
+
+def _record_bytes(records: list[StepRecord]) -> int:
+    tensors = [t for r in records for t in (r.output, *r.module_inputs.values(), *r.module_outputs.values())]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_room_for_runs(first_run_bytes: int, num_runs: int) -> None:
+    """Fail after the first recorded run, not when the machine runs out of memory: every run records as much
+    as the first, and all of them are kept for training."""
+    available = _available_memory_bytes()
+    needed = first_run_bytes * (num_runs - 1)
+    if available is not None and needed > 0.9 * available:
+        raise MemoryError(
+            f"calibration records {first_run_bytes / 2**30:.1f} GiB per run (every cacheable module's input and "
+            f"output at every step); the other {num_runs - 1} runs need {needed / 2**30:.1f} GiB more and "
+            f"{available / 2**30:.1f} GiB are available: use fewer runs or fewer samples per run "
+            f"(CalibrationConfig.calls; `tokencache calibrate --runs R --per-call P`)")
 
 
 class _Relaxation:
