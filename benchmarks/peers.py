@@ -42,9 +42,11 @@ How each peer is applied (diffusers 0.42.1, cache-dit 1.5.3):
   built exactly like cache-dit's own adapter for the transformer (``transformer_blocks``,
   ``ForwardPattern.Pattern_3``; the ``DiT`` adapter adds ``DiTPatchFunctor``, the ``PixArt`` one nothing) with our
   pipeline; cache-dit then wraps the pipeline class's ``__call__`` to open and reset its context per
-  call, and ``cache_dit.disable_cache(pipe)`` removes everything. The default ``DBCacheConfig`` (F8B0) needs more
-  than 8 blocks (the digits DiT has 6, the Fashion model 8; recorded as unavailable with cache-dit's own
-  assertion); the sweep uses
+  call, and ``cache_dit.disable_cache(pipe)`` removes everything. The default ``DBCacheConfig`` (F8B0) needs at
+  least 8 blocks (the digits DiT has 6: recorded as unavailable with cache-dit's own assertion); on the Fashion
+  model's 8 blocks it runs, but its 8 "first" blocks are every block, so its "cached" steps still compute all of
+  them (output bitwise equal to the uncached run; cache-dit still counts them as cached): the row measures its
+  overhead. The sweep uses
   ``Fn_compute_blocks=1, Bn_compute_blocks=0`` and the other defaults (8 warm-up steps, CFG in one batch);
   knob ``residual_diff_threshold``. "+TaylorSeer" adds ``TaylorSeerCalibratorConfig(taylorseer_order=1)``.
 

@@ -204,13 +204,16 @@ def test_frontier_fashion_rows(tmp_path, monkeypatch):
     names = [m.name for m in methods]
     assert names[0] == "no cache (Euler-30)" and all(m.sampler == "flow" for m in methods)
     assert len(names) == len(set(names)) and not any(m.unavailable for m in methods)
-    toca = [m for m in methods if m.family.startswith("ToCa ")]
+    toca = [m for m in methods if m.family.startswith("ToCa ") and "modules" not in m.extra]
     assert {(m.extra["score"], m.extra["interval"]) for m in toca} == {
         (s, n) for s in frontier.TOCA_SCORES for n in frontier.TOCA_INTERVALS}
     for n in frontier.TOCA_INTERVALS:  # the same FLOPs whatever the score
         same_n = [m.config for m in toca if m.extra["interval"] == n]
         assert len({tc.plan(c, pipe.transformer, 30, batch_size=4).flops for c in same_n}) == 1
         assert all(c.module_ratio["cross_attn"] > 0 and c.cfg_shared_selection for c in same_n)  # PixArt preset
+    every = [m.config for m in methods if m.extra.get("modules") == "all"]  # self-attention partial too
+    assert len(every) == 3 and len({tc.plan(c, pipe.transformer, 30, batch_size=4).flops for c in every}) == 1
+    assert all(c.module_ratio["self_attn"] > 0 for c in every)
     assert [m.extra["interval"] for m in methods if m.family == "FORA"] == list(frontier.FORA_INTERVALS)
     rows = {(m.extra["token_selection"], m.extra["budget"]) for m in methods if m.family.startswith("TokenCache")}
     assert rows == {(s, b) for s in ("predictor", "random") for b in frontier.TOKENCACHE_BUDGETS}
