@@ -279,3 +279,29 @@ def test_quality_report_merges_sample_counts_and_judges_the_bar_only_at_its_coun
     (tmp_path / "training.json").write_text(json.dumps({"steps_done": 6}))
     with pytest.raises(ValueError, match="training step 5"):
         quality.write_quality_report(tmp_path, (1.0,), n_per_class=1, merge=True, **kw)
+
+
+@pytest.mark.parametrize("arch", ["pixart", "dit"])
+def test_compare_prices_the_uncached_run_with_the_pipelines_context(arch):
+    """The FLOPs speed-up divides the planned uncached run by the run's own count: the plan must see the 4 class
+    tokens, not PixArt's usual 120 captions (that inflated every cached row's FLOPs speed-up by 18 %)."""
+    from tokencache.demo.classifier import DigitClassifier
+    from tokencache.demo.compare import Method, compare
+
+    torch.manual_seed(0)
+    pipe = FashionPipeline(build_transformer(arch, **TINY).eval(), make_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    clf = DigitClassifier(image_size=28).eval()
+    methods = [Method("FORA N=2", "FORA", sampler="flow", steps=4, config=tc.FORAConfig(interval=2)),
+               Method("Euler-2", "fewer steps", sampler="flow", steps=2)]
+    records = compare(pipe, clf, methods, labels=[0, 1], guidance=2.0, repeats=1, reference_steps={"flow": 4},
+                      progress=False, fd_to_real=lambda images: 0.0)
+    fora, fewer = records
+    handle = tc.apply(pipe, tc.FORAConfig(interval=2))
+    try:
+        pipe(class_labels=[0, 1], num_inference_steps=4, guidance_scale=2.0)
+        stats = handle.stats()
+    finally:
+        handle.remove()
+    assert fora["flops_speedup"] == pytest.approx(stats.speedup, rel=1e-12)
+    assert fewer["flops_speedup"] == pytest.approx(2.0, rel=1e-12)

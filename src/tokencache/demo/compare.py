@@ -167,6 +167,10 @@ def _record(pipe: Any, classifier: Any, method: Method, images: torch.Tensor, st
                                   steps=method.steps, **method.extra)
     if stats is not None:
         flops = stats.flops
+        if method.steps == ref_steps and stats.flops_full != ref_flops:
+            # the speed-up divides the planned uncached run by this run's count: both must price the same model
+            raise RuntimeError(f"{method.name}: the run's uncached FLOPs ({stats.flops_full}) differ from the planned "
+                               f"uncached run's ({ref_flops}); the plan does not see the shapes this pipeline runs")
         record.update(full_steps=stats.full_steps, partial_steps=stats.partial_steps,
                       reuse_steps=stats.reuse_steps, cache_mib=stats.cache_bytes / 2**20)
     else:
@@ -195,12 +199,15 @@ def _record(pipe: Any, classifier: Any, method: Method, images: torch.Tensor, st
 
 
 def uncached_flops(pipe: Any, steps: int, labels: list[int], guidance: float) -> int:
-    """FLOPs of an uncached run (the plan of a schedule with a full step every step)."""
+    """FLOPs of an uncached run (the plan of a schedule with a full step every step). A pipeline whose
+    transformer reads a context of its own length says so in ``context_tokens`` (the plan's default is the model
+    family's usual caption length)."""
     from ..core.plan import plan
     from ..methods.fora import FORAConfig
 
     batch = len(labels) * (2 if guidance > 1 else 1)
-    return plan(FORAConfig(interval=1), pipe.transformer, steps, batch_size=batch).flops
+    return plan(FORAConfig(interval=1), pipe.transformer, steps, batch_size=batch,
+                context_tokens=getattr(pipe, "context_tokens", None)).flops
 
 
 def to_json(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -113,6 +113,12 @@ class FashionPipeline(DiffusionPipeline):
         """The label index of the unconditional class."""
         return NUM_CLASSES
 
+    @property
+    def context_tokens(self) -> int:
+        """Tokens the transformer's cross-attention reads per sample (the class tokens; 0 for the DiT), for FLOP
+        counts: :func:`tokencache.plan` would otherwise assume PixArt's 120 caption tokens."""
+        return CONTEXT_TOKENS if isinstance(self.transformer, PixArtTransformer2DModel) else 0
+
     @torch.no_grad()
     def __call__(
         self,
