@@ -126,6 +126,10 @@ class ModelSpec:
     """Rows of the extra samplers (digits: DDPM), given ``quick`` and whether extra samplers run."""
     toca_variants: Callable[[bool], list[Method]] = field(default=lambda quick: [])
     """More ToCa rows after the preset's (main sampler), given ``quick``."""
+    samples_per_call: int | None = None
+    """Samples per pipeline call (None: all in one call). The digits model is tiny and its batch of 200 stays in
+    cache; the Fashion model's batch of 400 (CFG) made cached steps memory-bound (FORA N=4: 0.62 of its FLOPs
+    speed-up in CPU time at 200 samples per call, 0.87 at 20)."""
 
     @property
     def main_sampler(self) -> str:
@@ -278,7 +282,7 @@ MODELS: dict[str, ModelSpec] = {
         forecast_rows=_fashion_forecast_rows, load=_fashion_load, fd=_fashion_fd, assets=_fashion_assets,
         predictor=_fashion_predictor, guidance=_fashion_guidance,
         real_data="the 10,000 Fashion-MNIST test images (the shipped feature statistics)",
-        toca_variants=_fashion_toca_variants),
+        toca_variants=_fashion_toca_variants, samples_per_call=20),  # as the fashion demo
 }
 
 
@@ -408,10 +412,14 @@ def notes(record: dict[str, Any]) -> str:
         return f"unavailable: {record['unavailable']}"
     if "full_steps" in record:
         return f"full/partial/reuse steps {record['full_steps']}/{record['partial_steps']}/{record['reuse_steps']}"
+    calls = record.get("calls", 1)  # a peer's counts add up over a run's pipeline calls: show them per call
+
+    def count(key: str) -> str:
+        return f"{record[key] / calls:.3g}"
     if "skipped_steps" in record:
-        return f"computed {record['computed_steps']}, skipped {record['skipped_steps']} of {record['steps']} steps"
+        return f"computed {count('computed_steps')}, skipped {count('skipped_steps')} of {record['steps']} steps"
     if "predicted_steps" in record:
-        return (f"computed {record['computed_steps']}, forecast {record['predicted_steps']} of {record['steps']} "
+        return (f"computed {count('computed_steps')}, forecast {count('predicted_steps')} of {record['steps']} "
                 f"steps ({record['hooked_modules']} modules)")
     return ""
 
@@ -440,7 +448,9 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"# Quality against speed on the {spec.title} ({meta['date']})",
         "",
-        f"Device: {meta['device']}. {meta['samples']} samples (10 per class), seed {meta['seed']}, guidance "
+        f"Device: {meta['device']}. {meta['samples']} samples (10 per class"
+        + (f", {meta['samples_per_call']} per pipeline call" if meta.get("samples_per_call") else ", one call")
+        + f"), seed {meta['seed']}, guidance "
         f"{meta['guidance']}, **{meta['repeats']} repeat(s)**{meta['repeats_note']}. Sweep wall time "
         f"{meta['wall_minutes']:.0f} min. Versions: {meta['versions']}. Model files: {meta.get('model', '?')}"
         + (f" ({meta['model_note']})" if meta.get("model_note") else "") + "."
@@ -448,6 +458,9 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
            "`--resume` runs the missing rows).**")
         + "".join(f" Rows measured by a resumed run on {u['date']} ({u['wall_minutes']:.0f} min, their own uncached "
                   f"reference in that process): {', '.join(u['methods'])}." for u in meta.get("resumed", []))
+        + "".join(f" Rows measured in a second process running side by side on {u['date']} ({u['wall_minutes']:.0f} "
+                  f"min, their own uncached reference in that process): {', '.join(u['methods'])}."
+                  for u in meta.get("parallel", []))
         + "".join(f" Rows re-run with `--update` on {u['date']} ({u['wall_minutes']:.0f} min, their own uncached "
                   f"reference in that process): {', '.join(u['methods'])}." for u in meta.get("updates", [])),
         "",
@@ -572,7 +585,8 @@ class Store:
 def _settings(args: argparse.Namespace, samples: int, fingerprint: str) -> dict[str, Any]:
     """What a saved result must share with a run that resumes it."""
     return dict(model_name=args.model, samples=samples, seed=args.seed, guidance=args.guidance,
-                repeats=args.repeats, threads=args.threads, model=fingerprint)
+                repeats=args.repeats, threads=args.threads, model=fingerprint,
+                samples_per_call=args.samples_per_call)
 
 
 def build_methods(args: argparse.Namespace, spec: ModelSpec, pipe: Any) -> tuple[list[Method], dict[int, Peer]]:
@@ -625,7 +639,7 @@ def sweep(args: argparse.Namespace, samples: int, store: Store | None = None
     start = time.perf_counter()
     records = compare(pipe, classifier, methods, labels, seed=args.seed, guidance=args.guidance,
                       repeats=args.repeats, reference_steps=spec.reference_steps, fd_to_real=spec.fd(classifier),
-                      on_record=on_record)
+                      on_record=on_record, samples_per_call=args.samples_per_call)
     run_meta["wall_minutes"] = (time.perf_counter() - start) / 60
     if model_fingerprint(spec) != fingerprint:
         run_meta["model_note"] = ("the shipped model's files changed during the sweep; every row used the model "
@@ -641,7 +655,7 @@ def _meta(args: argparse.Namespace, samples: int, spec: ModelSpec, fingerprint: 
                 repeats=args.repeats, repeats_note=repeats_note, quick=args.quick, versions=versions,
                 device=f"CPU {cpu_name()}, {torch.get_num_threads()} torch thread(s)", wall_minutes=wall,
                 reference_steps=spec.reference_steps, args=vars(args), model=fingerprint, model_name=spec.name,
-                threads=args.threads)
+                threads=args.threads, samples_per_call=args.samples_per_call)
     floor = _fd_floor(spec, samples)
     if floor is not None:
         meta["fd_real_same_n"] = floor
@@ -656,6 +670,38 @@ def _fd_floor(spec: ModelSpec, samples: int) -> float | None:
         return None
     value = (info.get("fd_real_same_n") or {}).get(str(samples))
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def merge(args: argparse.Namespace, spec: ModelSpec, samples: int, parts: list[dict[str, Any]],
+          parser: argparse.ArgumentParser) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One result from sweeps of the same settings that ran side by side on disjoint rows (each timed its rows
+    against its own uncached run, as a resumed sweep does): rows in the sweep's order, the first part's meta with
+    the others' rows listed as measured in another process."""
+    want = _settings(args, samples, parts[0]["meta"]["model"])
+    seen: set[tuple[str, str]] = set()
+    for part in parts:
+        have = {k: part["meta"].get(k) for k in want}
+        if have != want:
+            parser.error(f"--merge: the parts were made with other settings: {have} vs {want}")
+        keys = {_key(r) for r in part["records"] if "unavailable" not in r}
+        if keys & seen:
+            parser.error(f"--merge: rows measured twice: {sorted(k[0] for k in keys & seen)}")
+        seen |= keys
+    pipe, _ = spec.load()
+    pipe.set_progress_bar_config(disable=True)
+    order = [dict(method=m.name, sampler=m.sampler) for m in build_methods(args, spec, pipe)[0]]
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    for part in parts:  # a row one part measured wins over another part's "unavailable" record of it
+        for r in part["records"]:
+            if _key(r) not in records or "unavailable" in records[_key(r)]:
+                records[_key(r)] = r
+    meta = dict(parts[0]["meta"])
+    meta["complete"] = all(p["meta"].get("complete", False) for p in parts)
+    meta["wall_minutes"] = max(p["meta"]["wall_minutes"] for p in parts)
+    meta["parallel"] = [
+        dict(date=p["meta"]["date"], wall_minutes=p["meta"]["wall_minutes"],
+             methods=[r["method"] for r in p["records"] if "unavailable" not in r]) for p in parts[1:]]
+    return _order(list(records.values()), order), meta
 
 
 def _order(records: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -677,6 +723,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddpm-peers", action="store_true", help="digits: also run the peers with DDPM-250")
     parser.add_argument("--only", default=None, help="keep only methods whose name matches this regex")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples-per-call", type=int, default=None,
+                        help="samples per pipeline call (default: the model's; digits all at once, fashion 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's shipped guidance")
     parser.add_argument("--x", choices=("cpu", "wall"), default="cpu",
@@ -686,6 +734,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="re-run the rows selected by --only and replace them in the stem's .json")
     parser.add_argument("--resume", action="store_true",
                         help="run only the rows the stem's .json does not hold yet (same settings)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="STEM",
+                        help="join the rows of sweeps run in parallel (each with --out STEM and its own --only) "
+                             "into the model's stem (or --out); they must share their settings")
     parser.add_argument("--out", default=None, help="result file stem in benchmarks/results (must start with "
                                                     "'frontier')")
     args = parser.parse_args(argv)
@@ -696,6 +747,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--update and --resume do not go together")
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.guidance = spec.guidance() if args.guidance is None else args.guidance
+    if args.samples_per_call is None:
+        args.samples_per_call = spec.samples_per_call
+    if args.samples_per_call is not None and args.samples_per_call < 1:
+        parser.error(f"--samples-per-call must be >= 1; got {args.samples_per_call}")
     torch.set_num_threads(args.threads)
     samples = args.samples or (20 if args.quick else 200 if args.model == "fashion" else 100)
     if samples < 10 or samples % 10:
@@ -710,6 +765,13 @@ def main(argv: list[str] | None = None) -> None:
         table = write(records, meta, stem, args.x)
         print(table)
         print(f"wrote {RESULTS / stem}.json, .md, .png")
+        return
+    if args.merge:
+        records, meta = merge(args, spec, samples,
+                              [json.loads((RESULTS / f"{m}.json").read_text()) for m in args.merge], parser)
+        table = write(records, meta, stem, args.x)
+        print(table)
+        print(f"wrote {RESULTS / stem}.json, .md, .png from {', '.join(args.merge)}")
         return
     if args.update:
         if not args.only:

@@ -169,18 +169,30 @@ def _try_run(peer: Peer, pipe: Any) -> str | None:
 # --------------------------------------------------------------------------------------------------- diffusers
 
 
+def step_index(pipe: Any, args: tuple, kwargs: dict, previous: int) -> tuple[int, int | None]:
+    """The step of a transformer call (from its timestep's place in the scheduler's timesteps; ``previous + 1``
+    when it cannot be found) and the run's step count (None if unknown)."""
+    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    timesteps = getattr(pipe.scheduler, "timesteps", None)
+    if timesteps is None or timestep is None:
+        return previous + 1, None
+    t = torch.as_tensor(timestep).reshape(-1)[0].to(timesteps.device, timesteps.dtype)
+    found = (timesteps == t).nonzero()
+    if not len(found):  # a pipeline that passes the model a rescaled timestep (t / 1000 * 1000) may round it
+        found = torch.isclose(timesteps, t, rtol=1e-5, atol=1e-4).nonzero()
+    return (int(found[0, 0]) if len(found) else previous + 1), len(timesteps)
+
+
 class CacheContextHooks:
     """What a ``CacheMixin`` pipeline gives diffusers' stateful cache hooks, from forward hooks on the transformer:
     a ``CacheContext`` around every call, and a reset of the hooks' state at the first step of every run."""
 
-    def __init__(self, pipe: Any, after_call: Callable[[], None] | None = None,
-                 on_start: Callable[[], None] | None = None) -> None:
+    def __init__(self, pipe: Any, after_call: Callable[[], None] | None = None) -> None:
         from diffusers.hooks import HookRegistry
 
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.after_call = after_call
-        self.on_start = on_start
         self.step = -1
         registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
         registry.invalidate_child_registries_cache()  # the apply_* functions just hooked the blocks
@@ -190,27 +202,14 @@ class CacheContextHooks:
             self.transformer.register_forward_hook(self._after, always_call=True),
         ]
 
-    def _step_index(self, timestep: Any) -> tuple[int, int | None]:
-        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
-        if timesteps is None or timestep is None:
-            return self.step + 1, None
-        t = torch.as_tensor(timestep).reshape(-1)[0].to(timesteps.device, timesteps.dtype)
-        found = (timesteps == t).nonzero()
-        if not len(found):  # a pipeline that passes the model a rescaled timestep (t / 1000 * 1000) may round it
-            found = torch.isclose(timesteps, t, rtol=1e-5, atol=1e-4).nonzero()
-        return (int(found[0, 0]) if len(found) else self.step + 1), len(timesteps)
-
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        self.step, num_steps = self._step_index(timestep)
+        self.step, num_steps = step_index(self.pipe, args, kwargs, self.step)
         if self.step == 0:
             self.registry.reset_stateful_hooks(recurse=True)
-            if self.on_start is not None:
-                self.on_start()
         context = CacheContext(CONTEXT_NAME, step_index=self.step, num_inference_steps=num_steps,
-                               timestep=timestep)
+                               timestep=kwargs.get("timestep", args[1] if len(args) > 1 else None))
         _set_cache_context(module, context)
 
     def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -246,7 +245,7 @@ def _install_first_block_cache(threshold: float) -> Callable[[Any, dict[str, Any
         def after_call() -> None:
             counts["computed" if manager.get_state().should_compute else "skipped"] += 1
 
-        context = CacheContextHooks(pipe, after_call, on_start=lambda: counts.update(computed=0, skipped=0))
+        context = CacheContextHooks(pipe, after_call)  # counts add up over the calls of one attachment
 
         def remove() -> None:
             stats.update(computed_steps=counts["computed"], skipped_steps=counts["skipped"],
@@ -302,7 +301,7 @@ def _install_taylorseer(cache_interval: int, variant: str) -> Callable[[Any, dic
             state = hooks[0][1].state_manager.get_state()
             counts["computed" if state.last_update_step == state.current_step else "predicted"] += 1
 
-        context = CacheContextHooks(pipe, after_call, on_start=lambda: counts.update(computed=0, predicted=0))
+        context = CacheContextHooks(pipe, after_call)  # counts add up over the calls of one attachment
 
         def remove() -> None:
             stats.update(computed_steps=counts["computed"], predicted_steps=counts["predicted"],
@@ -392,13 +391,32 @@ def _install_dbcache(threshold: float, taylorseer: bool, blocks: dict[str, int] 
         config = cache_dit.DBCacheConfig(residual_diff_threshold=threshold, **(blocks or {}))
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
         cache_dit.enable_cache(adapter, cache_config=config, calibrator_config=calibrator)
+        # cache-dit's summary holds the counts of the last finished pipeline call: add them up at the first step
+        # of every call after the first, and at removal
+        totals = {"computed_steps": 0, "skipped_steps": 0}
+        last_step = [-1]
+
+        def add_last_call() -> None:
+            summary = cache_dit.summary(pipe, logging=False)
+            if summary and summary[0].accumulated_executed_steps:
+                cached = summary[0].accumulated_cached_steps
+                totals["computed_steps"] += summary[0].accumulated_executed_steps - cached
+                totals["skipped_steps"] += cached
+
+        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            step, _ = step_index(pipe, args, kwargs, last_step[0])
+            if step == 0 and last_step[0] != 0:
+                add_last_call()
+            last_step[0] = step
+
+        hook = pipe.transformer.register_forward_pre_hook(before, with_kwargs=True)
 
         def remove() -> None:
+            hook.remove()
             try:
-                summary = cache_dit.summary(pipe, logging=False)
-                if summary and summary[0].accumulated_executed_steps:
-                    cached = summary[0].accumulated_cached_steps
-                    stats.update(computed_steps=summary[0].accumulated_executed_steps - cached, skipped_steps=cached)
+                add_last_call()
+                if totals["computed_steps"] + totals["skipped_steps"]:
+                    stats.update(totals)
             finally:
                 cache_dit.disable_cache(pipe)
 

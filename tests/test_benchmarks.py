@@ -244,7 +244,7 @@ def test_frontier_fashion_sweep_is_incremental_and_resumes(tmp_path, monkeypatch
 
         return real_compare(*args, on_record=cut, **kwargs)
 
-    argv = ["--model", "fashion", "--quick", "--samples", "10"]
+    argv = ["--model", "fashion", "--quick", "--samples", "10", "--samples-per-call", "5"]
     monkeypatch.setattr(frontier, "compare", interrupted)
     with pytest.raises(KeyboardInterrupt):
         frontier.main(argv)
@@ -266,6 +266,15 @@ def test_frontier_fashion_sweep_is_incremental_and_resumes(tmp_path, monkeypatch
     assert expected <= set(by_name) and by_name["TokenCache learned"]["unavailable"]
     assert by_name["ToCa attention N=4"]["flops_speedup"] == pytest.approx(by_name["ToCa random N=4"]["flops_speedup"])
     assert by_name["diffusers TaylorSeer N=3"]["hooked_modules"] == 6  # attn1, attn2 (cross) and ff of 2 blocks
+    # two pipeline calls per run: tokencache's FLOPs add up over them (compare checks them against the plan of the
+    # whole batch), and a peer's step counts too (the notes show them per call)
+    assert {r["calls"] for r in done["records"] if "unavailable" not in r} == {2}
+    for name in by_name:
+        peer = by_name[name]
+        done_steps = peer.get("skipped_steps", peer.get("predicted_steps"))
+        if "computed_steps" in peer and done_steps is not None:
+            assert peer["computed_steps"] + done_steps == 2 * 8, name
+            assert " of 8 steps" in frontier.notes(peer)
     assert set(done["meta"]["resumed"][0]["methods"]) == {n for n, r in by_name.items()
                                                          if n not in seen and "unavailable" not in r}
 
@@ -277,6 +286,31 @@ def test_frontier_fashion_sweep_is_incremental_and_resumes(tmp_path, monkeypatch
     assert path.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit):  # a resume with other settings is refused
         frontier.main(["--model", "fashion", "--quick", "--samples", "20", "--resume"])
+    with pytest.raises(SystemExit):  # and so is one with other calls
+        frontier.main(["--model", "fashion", "--quick", "--samples", "10", "--resume"])
+
+
+def test_frontier_sweeps_run_side_by_side_merge_in_order(tmp_path, monkeypatch):
+    """Two processes on disjoint rows (--only, --out), then --merge: every row once, in the sweep's order; parts
+    with other settings or the same row twice are refused."""
+    _tiny_fashion(tmp_path, monkeypatch, steps=4)
+    base = ["--model", "fashion", "--quick", "--samples", "10", "--no-peers"]
+    frontier.main(base + ["--only", "^(no cache|ToCa )", "--out", "frontier-a"])
+    frontier.main(base + ["--only", "^(?!no cache|ToCa )", "--out", "frontier-b"])
+    frontier.main(base + ["--merge", "frontier-a", "frontier-b", "--out", "frontier-ab"])
+    merged = json.loads((tmp_path / "results" / "frontier-ab.json").read_text())
+    names = [r["method"] for r in merged["records"]]
+    b_rows = [r["method"] for r in json.loads((tmp_path / "results" / "frontier-b.json").read_text())["records"]
+              if "unavailable" not in r]
+    assert names[:3] == ["no cache (Euler-4)", "ToCa attention N=4", "ToCa random N=4"]
+    assert len(set(names)) == len(names)
+    assert set(b_rows) <= set(names) and merged["meta"]["parallel"][0]["methods"] == b_rows
+    assert "second process" in (tmp_path / "results" / "frontier-ab.md").read_text()
+    with pytest.raises(SystemExit):  # the same row in both parts
+        frontier.main(base + ["--merge", "frontier-a", "frontier-a", "--out", "frontier-aa"])
+    with pytest.raises(SystemExit):  # other settings (samples)
+        frontier.main(["--model", "fashion", "--quick", "--samples", "20", "--no-peers", "--merge", "frontier-a",
+                       "frontier-b", "--out", "frontier-x"])
 
 
 def test_token_change_measures_every_cacheable_module(tmp_path, monkeypatch):

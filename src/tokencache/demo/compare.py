@@ -10,7 +10,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +59,36 @@ def scheduler_for(pipe: Any, sampler: str) -> Any:
     raise ValueError(f"sampler must be 'ddim', 'ddpm' or 'flow'; got {sampler!r}")
 
 
-def _sample(pipe: Any, labels: list[int], steps: int, seed: int, guidance: float,
-            clocks: Clocks | None = None) -> tuple[torch.Tensor, Timing]:
+def _sample(pipe: Any, labels: list[int], steps: int, seed: int, guidance: float, clocks: Clocks | None = None,
+            samples_per_call: int | None = None, handle: Any = None) -> tuple[torch.Tensor, Timing, list[Any]]:
+    """Sample ``labels`` in pipeline calls of ``samples_per_call`` (all at once if None) from one generator; the
+    images, the timing of all calls, and the cache's statistics of each call (``handle``: empty without)."""
     generator = torch.Generator().manual_seed(seed)
+    per_call = samples_per_call or len(labels)
+    stats: list[Any] = []
 
     def run() -> torch.Tensor:
+        images = []
         with torch.no_grad():
-            return pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance,
-                        generator=generator).images
+            for start in range(0, len(labels), per_call):
+                images.append(pipe(class_labels=labels[start:start + per_call], num_inference_steps=steps,
+                                   guidance_scale=guidance, generator=generator).images)
+                if handle is not None:
+                    stats.append(handle.stats())
+        return torch.cat(images)
 
-    return timed(run, clocks)
+    images, timing = timed(run, clocks)
+    return images, timing, stats
+
+
+def _combined(stats: list[Any]) -> Any:
+    """One run's statistics from those of its calls: FLOPs add up, the cache's memory is the largest call's."""
+    if not stats:
+        return None
+    first = stats[0]
+    return replace(first, flops=sum(s.flops for s in stats), flops_full=sum(s.flops_full for s in stats),
+                   forecast_flops=sum(s.forecast_flops for s in stats),
+                   cache_bytes=max(s.cache_bytes for s in stats), score_bytes=max(s.score_bytes for s in stats))
 
 
 @contextlib.contextmanager
@@ -92,7 +112,8 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
             progress: bool = True, clocks: Clocks | None = None,
             tolerance: float = TOLERANCE,
             fd_to_real: Callable[[torch.Tensor], float] | None = None,
-            on_record: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+            on_record: Callable[[int, dict[str, Any]], None] | None = None,
+            samples_per_call: int | None = None) -> list[dict[str, Any]]:
     """Run every method on the same classes and seed; returns one record per method, in ``methods`` order.
 
     Timing is interleaved in rounds, per sampler: the uncached reference run, then one run of each method; a
@@ -104,9 +125,15 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
     should not be believed (rounds disagreeing by more than ``tolerance``, an uncached row off 1x).
     ``fd_to_real(images)`` gives a record's FD (default: against the held-out digits). ``on_record(i, record)``
     is called as soon as the record of ``methods[i]`` is complete (unavailable rows first, then each method right
-    after its run of the last round), so that a caller can save what was measured before a long sweep ends."""
+    after its run of the last round), so that a caller can save what was measured before a long sweep ends.
+    ``samples_per_call`` splits every run into pipeline calls of that many samples (one generator across them,
+    so the reference and each method see the same noise): a batch of hundreds is far from how people sample and
+    makes a cached step's copies memory-bound; None samples all ``labels`` in one call."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}")
+    if samples_per_call is not None and (isinstance(samples_per_call, bool) or not isinstance(samples_per_call, int)
+                                         or samples_per_call < 1):
+        raise ValueError(f"samples_per_call must be an integer >= 1 or None; got {samples_per_call!r}")
     reference_steps = reference_steps or {"ddim": 50, "ddpm": 250}
     if fd_to_real is None:
         real, _ = load_digits_split("heldout")
@@ -126,7 +153,8 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
         else:
             groups.setdefault(method.sampler, []).append(i)
     bar = tqdm(total=repeats * sum(1 + len(g) for g in groups.values()), desc="sampling runs", disable=not progress)
-    _sample(pipe, labels, 2, seed, guidance, clocks)  # warm-up, so that no timed run pays for first-call costs
+    # warm-up, so that no timed run pays for first-call costs
+    _sample(pipe, labels[:samples_per_call], 2, seed, guidance, clocks)
     try:
         for sampler, group in groups.items():
             pipe.scheduler = scheduler_for(pipe, sampler)
@@ -136,21 +164,22 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
             ref_flops = uncached_flops(pipe, ref_steps, labels, guidance)
             for round_ in range(repeats):
                 bar.set_postfix_str(f"no cache ({sampler.upper()}-{ref_steps})")
-                ref_images, timing = _sample(pipe, labels, ref_steps, seed, guidance, clocks)
+                ref_images, timing, _ = _sample(pipe, labels, ref_steps, seed, guidance, clocks, samples_per_call)
                 ref_timings.append(timing)
                 bar.update()
                 for i in group:
                     method = methods[i]
                     bar.set_postfix_str(method.name)
                     with _attached(pipe, method) as handle:
-                        images, timing = _sample(pipe, labels, method.steps, seed, guidance, clocks)
-                        stats = handle.stats() if handle is not None else None
+                        images, timing, calls = _sample(pipe, labels, method.steps, seed, guidance, clocks,
+                                                        samples_per_call, handle)
+                        stats = _combined(calls)
                     timings[i].append(timing)
                     bar.update()
                     if round_ == repeats - 1:  # its last run: the record is complete
                         records[i] = _record(pipe, classifier, method, images, stats, ref_images, ref_steps,
                                              ref_flops, list(zip(ref_timings, timings[i], strict=True)), labels,
-                                             guidance, repeats, tolerance, fd_to_real)
+                                             guidance, repeats, tolerance, fd_to_real, samples_per_call)
                         if on_record is not None:
                             on_record(i, records[i])
     finally:
@@ -161,10 +190,13 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
 
 def _record(pipe: Any, classifier: Any, method: Method, images: torch.Tensor, stats: Any, ref_images: torch.Tensor,
             ref_steps: int, ref_flops: int, pairs: list[tuple[Timing, Timing]], labels: list[int], guidance: float,
-            repeats: int, tolerance: float, fd_to_real: Callable[[torch.Tensor], float]) -> dict[str, Any]:
-    """One method's record: FLOPs, speed-ups over the (reference, method) timing pairs of every round, quality."""
+            repeats: int, tolerance: float, fd_to_real: Callable[[torch.Tensor], float],
+            samples_per_call: int | None = None) -> dict[str, Any]:
+    """One method's record: FLOPs, speed-ups over the (reference, method) timing pairs of every round, quality;
+    ``calls``: pipeline calls per run (a peer's step counts add up over them)."""
     record: dict[str, Any] = dict(method=method.name, family=method.family, sampler=method.sampler,
                                   steps=method.steps, **method.extra)
+    calls = math.ceil(len(labels) / (samples_per_call or len(labels)))
     if stats is not None:
         flops = stats.flops
         if method.steps == ref_steps and stats.flops_full != ref_flops:
@@ -189,6 +221,7 @@ def _record(pipe: Any, classifier: Any, method: Method, images: torch.Tensor, st
         cpu_seconds=statistics.median(own.cpu for _, own in pairs),
         timing_warnings=timing_problems(method.name, cpu, uncached),
         repeats=repeats,
+        calls=calls,
         psnr=psnr(images, ref_images),
         ssim=ssim(images, ref_images),
         fd=fd_to_real(images),
