@@ -229,20 +229,25 @@ def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
     lost up to 15 dB once the first steps were full), three full steps first beat one at the same FLOPs (the
     first steps change the most; diffusers' TaylorSeer also computes its first 3), and a full last step changed
     nothing (it moves the sample by sigma_29 = 1/30 of the velocity). The rows: order 1 after 3 full steps at
-    N = 2 ... 8; order 1 with one full step first (N = 3, 5, 6); order 2 at N = 3; the digits preset's setting
+    N = 2 ... 8; order 1 with one full step first (N = 3, 5, 6); the full steps of diffusers' TaylorSeer hook
+    (N = 3, 4, 6: a full step 2 steps after the warm-up, where ours waits N; on 20 samples of seed 1 that gained
+    2.6 / 1.3 dB at N = 3 / 4 at the same or one more full step, and lost 2.3 dB against the default N = 5 at
+    N = 6's 8 full steps); order 2 at N = 3; the digits preset's setting
     (``forecast-n5``: Newton order 3, last step full) as it is; ToCa+forecast with PixArt's partial modules
     (cross-attention and MLP; self-attention forecast whole) recomputing 5 % of the tokens by similarity and at
     random."""
     forecast = tc.ForecastConfig
 
-    def newton(n: int, order: int, first: int = 3, last: int = 0) -> Any:
-        return tc.FORAConfig(interval=n, first_full_steps=first, last_full_steps=last,
+    def newton(n: int, order: int, first: int = 3, last: int = 0, first_interval: int | None = None) -> Any:
+        return tc.FORAConfig(interval=n, first_full_steps=first, last_full_steps=last, first_interval=first_interval,
                              forecast=forecast(order, expansion="newton"))
 
     if quick:
         return [("forecast N=3 newton o1 first=3", newton(3, 1))]
     rows = [(f"forecast N={n} newton o1 first=3", newton(n, 1)) for n in (2, 3, 4, 5, 6, 8)]
     rows += [(f"forecast N={n} newton o1", newton(n, 1, first=1)) for n in (3, 5, 6)]
+    rows += [(f"forecast N={n} newton o1 first=3 first_interval=2 (diffusers TaylorSeer's steps)",
+              newton(n, 1, first_interval=2)) for n in (3, 4, 6)]
     rows += [("forecast N=3 newton o2 first=3", newton(3, 2)),
              ("forecast N=5 newton o3 last=1 (digits forecast-n5 setting)", newton(5, 3, first=1, last=1))]
     rows += [(f"ToCa+forecast {score} N=4 r=0.05", tc.ToCaConfig(
@@ -468,7 +473,9 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "peers report none (what they skipped is in the notes). Measured speed-up (wall): uncached seconds / "
         "method seconds, the two runs made back to back (`tokencache.demo.compare`)."
         + (" CPU-time speed-up: the same ratio for the process CPU time of the same two runs "
-           "(1 thread), which other processes on the machine barely disturb; the plot uses it." if cpu else "")
+           "(1 thread), which other processes on the machine disturb less than the wall clock but still move (on 2 "
+           "cores, a third busy process slowed a reference run's CPU time by up to ~20 %: a row that computes every "
+           "step, such as a peer that skipped none, then reads above 1x); the plot uses it." if cpu else "")
         + f" PSNR/SSIM: against the uncached run of the same sampler and seed. FD: Frechet distance to "
         f"{spec.real_data} in the shipped classifier's feature space (lower is better"
         + (f"; {meta['samples']} real training images score {floor:.2f}, the floor at this sample size"

@@ -1,13 +1,14 @@
 """Token-wise forecasting: order 0 is the reusing cache bit for bit, Newton's form is exact on polynomials,
 full steps only give diffusers' TaylorSeer, no state leaks, accounting equals the plan."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 from torch import nn
 
 import tokencache as tc
-from tokencache.core.schedule import whole_steps
 
 from models import tiny_dit, tiny_dit_pipeline
 from test_equivalence import cached_run_and_plan, dit_pipe_run
@@ -97,34 +98,6 @@ def test_taylor_expansion_is_not_exact_on_a_quadratic():
     assert max(errors[:3]) < 1e-4 and max(errors[3:6]) > 1e-2
 
 
-class TaylorSeerSchedule:
-    """A config whose full steps are those of diffusers' TaylorSeer hook: the first ``warmup`` steps, then
-    every step ``i`` with ``(i - warmup - 1) % interval == 0``; nothing is recomputed in between."""
-
-    def __init__(self, interval: int, warmup: int, order: int) -> None:
-        self.interval, self.warmup = interval, warmup
-        self.forecast = F(order=order)
-        self.cache_dtype = None
-
-    def build_policy(self, num_steps: int, num_blocks: int):
-        config = self
-
-        class Policy:
-            def __init__(self) -> None:
-                self.num_steps, self.num_blocks = num_steps, num_blocks
-                self.full_steps = tuple(i < config.warmup or (i - config.warmup - 1) % config.interval == 0
-                                        for i in range(num_steps))
-                self.full_blocks = whole_steps(self.full_steps, num_blocks)
-
-            def fresh_ratio(self, step: int, block: int, kind: str) -> float:
-                return 0.0
-
-        return Policy()
-
-    def build_selector(self) -> None:
-        return None
-
-
 def _euler_loop(transformer, steps: int, taylorseer_context: bool = False) -> torch.Tensor:
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
@@ -149,13 +122,27 @@ def test_full_steps_only_is_diffusers_taylorseer(order):
     expected = _euler_loop(reference, steps, taylorseer_context=True)
     plain = _euler_loop(tiny_dit(), steps)
     transformer = tiny_dit()
-    handle = tc.apply(transformer, TaylorSeerSchedule(interval=3, warmup=2, order=order))
+    # diffusers computes the warm-up steps, then one step after them, then every cache_interval steps
+    handle = tc.apply(transformer, tc.FORAConfig(interval=3, first_full_steps=2, first_interval=2, forecast=F(order)))
     with handle.sampling(num_steps=steps):
         got = _euler_loop(transformer, steps)
     assert handle.stats().reuse_steps == 7
     handle.remove()
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3)  # it did cache
+
+
+@pytest.mark.parametrize("interval", [2, 3, 4, 6])
+@pytest.mark.parametrize("warmup", [1, 3])
+def test_first_interval_places_the_full_steps_as_diffusers_taylorseer(interval, warmup):
+    diffusers_full = [i < warmup or (i - warmup - 1) % interval == 0 for i in range(30)]
+    config = tc.FORAConfig(interval=interval, first_full_steps=warmup, first_interval=2, forecast=F(1))
+    assert list(config.build_policy(30, 4).full_steps) == diffusers_full
+    default = tc.FORAConfig(interval=interval, first_full_steps=warmup)  # first_interval None = interval
+    assert default.build_policy(30, 4).full_steps == replace(default, first_interval=interval).build_policy(
+        30, 4).full_steps
+    with pytest.raises(ValueError, match="first_interval"):
+        tc.FORAConfig(interval=interval, first_interval=0)
 
 
 @pytest.mark.parametrize("config", [

@@ -31,6 +31,9 @@ class FORAConfig(PresetMixin):
     """Leading steps that are always full (warm-up: a forecast needs ``order + 1`` computations)."""
     last_full_steps: int = 0
     """Trailing steps that are always full (the last steps decide the fine detail of the sample)."""
+    first_interval: int | None = None
+    """Steps from the last warm-up step to the first full step after it (``None``: ``interval``); the full steps
+    then follow every ``interval`` steps. diffusers' TaylorSeer hook computes one step after its warm-up: 2."""
 
     _PRESETS: ClassVar[Presets] = {}
 
@@ -40,6 +43,8 @@ class FORAConfig(PresetMixin):
         check_forecast(type(self), self.forecast)
         check_number(type(self), "first_full_steps", self.first_full_steps, 1, integer=True)
         check_number(type(self), "last_full_steps", self.last_full_steps, 0, integer=True)
+        if self.first_interval is not None:
+            check_number(type(self), "first_interval", self.first_interval, 1, integer=True)
 
     def build_policy(self, num_steps: int, num_blocks: int) -> FORAPolicy:
         return FORAPolicy(self, num_steps, num_blocks)
@@ -53,11 +58,13 @@ class FORAPolicy:
         self.config = config
         self.num_steps = num_steps
         self.num_blocks = num_blocks
-        # the warm-up steps, then every ``interval`` steps counted from the last of them
+        # the warm-up steps, then ``first_interval`` steps after the last of them, then every ``interval`` steps
         last_warmup = config.first_full_steps - 1
+        first_after = last_warmup + (config.first_interval or config.interval)
         first_trailing = num_steps - config.last_full_steps
         self.full_steps = tuple(step <= last_warmup or step >= first_trailing
-                                or (step - last_warmup) % config.interval == 0 for step in range(num_steps))
+                                or (step >= first_after and (step - first_after) % config.interval == 0)
+                                for step in range(num_steps))
         self.full_blocks = whole_steps(self.full_steps, num_blocks)
 
     def fresh_ratio(self, step: int, block: int, kind: str) -> float:
