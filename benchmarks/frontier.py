@@ -232,7 +232,8 @@ def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
     N = 2 ... 8; order 1 with one full step first (N = 3, 5, 6); the full steps of diffusers' TaylorSeer hook
     (N = 3, 4, 6: a full step 2 steps after the warm-up, where ours waits N; on 20 samples of seed 1 that gained
     2.6 / 1.3 dB at N = 3 / 4 at the same or one more full step, and lost 2.3 dB against the default N = 5 at
-    N = 6's 8 full steps); order 2 at N = 3; the digits preset's setting
+    N = 6's 8 full steps); more warm-up at N = 2 / 3 (first = 9 at N = 2: 55.2 dB at 1.57x FLOPs on that probe,
+    for the slow end where cache-dit's gated DBCache+TaylorSeer leads); order 2 at N = 3; the digits preset's setting
     (``forecast-n5``: Newton order 3, last step full) as it is; ToCa+forecast with PixArt's partial modules
     (cross-attention and MLP; self-attention forecast whole) recomputing 5 % of the tokens by similarity and at
     random."""
@@ -248,6 +249,9 @@ def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
     rows += [(f"forecast N={n} newton o1", newton(n, 1, first=1)) for n in (3, 5, 6)]
     rows += [(f"forecast N={n} newton o1 first=3 first_interval=2 (diffusers TaylorSeer's steps)",
               newton(n, 1, first_interval=2)) for n in (3, 4, 6)]
+    rows += [("forecast N=2 newton o1 first=9", newton(2, 1, first=9)),
+             ("forecast N=3 newton o1 first=6 first_interval=2", newton(3, 1, first=6, first_interval=2)),
+             ("forecast N=3 newton o1 first=9 first_interval=2", newton(3, 1, first=9, first_interval=2))]
     rows += [("forecast N=3 newton o2 first=3", newton(3, 2)),
              ("forecast N=5 newton o3 last=1 (digits forecast-n5 setting)", newton(5, 3, first=1, last=1))]
     rows += [(f"ToCa+forecast {score} N=4 r=0.05", tc.ToCaConfig(
