@@ -169,10 +169,14 @@ def _try_run(peer: Peer, pipe: Any) -> str | None:
 # --------------------------------------------------------------------------------------------------- diffusers
 
 
-def step_index(pipe: Any, args: tuple, kwargs: dict, previous: int) -> tuple[int, int | None]:
+def call_timestep(args: tuple, kwargs: dict) -> Any:
+    """The ``timestep`` argument of a transformer call (keyword or second positional), or None."""
+    return kwargs.get("timestep", args[1] if len(args) > 1 else None)
+
+
+def step_index(pipe: Any, timestep: Any, previous: int) -> tuple[int, int | None]:
     """The step of a transformer call (from its timestep's place in the scheduler's timesteps; ``previous + 1``
     when it cannot be found) and the run's step count (None if unknown)."""
-    timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     timesteps = getattr(pipe.scheduler, "timesteps", None)
     if timesteps is None or timestep is None:
         return previous + 1, None
@@ -205,11 +209,12 @@ class CacheContextHooks:
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        self.step, num_steps = step_index(self.pipe, args, kwargs, self.step)
+        timestep = call_timestep(args, kwargs)
+        self.step, num_steps = step_index(self.pipe, timestep, self.step)
         if self.step == 0:
             self.registry.reset_stateful_hooks(recurse=True)
         context = CacheContext(CONTEXT_NAME, step_index=self.step, num_inference_steps=num_steps,
-                               timestep=kwargs.get("timestep", args[1] if len(args) > 1 else None))
+                               timestep=timestep)
         _set_cache_context(module, context)
 
     def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -404,7 +409,7 @@ def _install_dbcache(threshold: float, taylorseer: bool, blocks: dict[str, int] 
                 totals["skipped_steps"] += cached
 
         def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            step, _ = step_index(pipe, args, kwargs, last_step[0])
+            step, _ = step_index(pipe, call_timestep(args, kwargs), last_step[0])
             if step == 0 and last_step[0] != 0:
                 add_last_call()
             last_step[0] = step

@@ -152,6 +152,7 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
                 on_record(i, records[i])
         else:
             groups.setdefault(method.sampler, []).append(i)
+    n_calls = math.ceil(len(labels) / (samples_per_call or len(labels)))  # pipeline calls per run
     bar = tqdm(total=repeats * sum(1 + len(g) for g in groups.values()), desc="sampling runs", disable=not progress)
     # warm-up, so that no timed run pays for first-call costs
     _sample(pipe, labels[:samples_per_call], 2, seed, guidance, clocks)
@@ -179,7 +180,7 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
                     if round_ == repeats - 1:  # its last run: the record is complete
                         records[i] = _record(pipe, classifier, method, images, stats, ref_images, ref_steps,
                                              ref_flops, list(zip(ref_timings, timings[i], strict=True)), labels,
-                                             guidance, repeats, tolerance, fd_to_real, samples_per_call)
+                                             guidance, repeats, tolerance, fd_to_real, n_calls)
                         if on_record is not None:
                             on_record(i, records[i])
     finally:
@@ -191,12 +192,11 @@ def compare(pipe: Any, classifier: Any, methods: Sequence[Method], labels: list[
 def _record(pipe: Any, classifier: Any, method: Method, images: torch.Tensor, stats: Any, ref_images: torch.Tensor,
             ref_steps: int, ref_flops: int, pairs: list[tuple[Timing, Timing]], labels: list[int], guidance: float,
             repeats: int, tolerance: float, fd_to_real: Callable[[torch.Tensor], float],
-            samples_per_call: int | None = None) -> dict[str, Any]:
+            calls: int = 1) -> dict[str, Any]:
     """One method's record: FLOPs, speed-ups over the (reference, method) timing pairs of every round, quality;
     ``calls``: pipeline calls per run (a peer's step counts add up over them)."""
     record: dict[str, Any] = dict(method=method.name, family=method.family, sampler=method.sampler,
                                   steps=method.steps, **method.extra)
-    calls = math.ceil(len(labels) / (samples_per_call or len(labels)))
     if stats is not None:
         flops = stats.flops
         if method.steps == ref_steps and stats.flops_full != ref_flops:
