@@ -128,8 +128,8 @@ class ModelSpec:
     """More ToCa rows after the preset's (main sampler), given ``quick``."""
     samples_per_call: int | None = None
     """Samples per pipeline call (None: all in one call). The digits model is tiny and its batch of 200 stays in
-    cache; the Fashion model's batch of 400 (CFG) made cached steps memory-bound (FORA N=4: 0.62 of its FLOPs
-    speed-up in CPU time at 200 samples per call, 0.87 at 20)."""
+    cache; the Fashion model's batch of 400 (CFG) made cached steps memory-bound (FORA N=4: 2.31x CPU time
+    for 3.73x FLOPs at 200 samples per call, 3.95x at 20)."""
 
     @property
     def main_sampler(self) -> str:
@@ -230,10 +230,8 @@ def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
     first steps change the most; diffusers' TaylorSeer also computes its first 3), and a full last step changed
     nothing (it moves the sample by sigma_29 = 1/30 of the velocity). The rows: order 1 after 3 full steps at
     N = 2 ... 8; order 1 with one full step first (N = 3, 5, 6); the full steps of diffusers' TaylorSeer hook
-    (N = 3, 4, 6: a full step 2 steps after the warm-up, where ours waits N; on 20 samples of seed 1 that gained
-    2.6 / 1.3 dB at N = 3 / 4 at the same or one more full step, and lost 2.3 dB against the default N = 5 at
-    N = 6's 8 full steps); more warm-up at N = 2 / 3 (first = 9 at N = 2: 55.2 dB at 1.57x FLOPs on that probe,
-    for the slow end where cache-dit's gated DBCache+TaylorSeer leads); order 2 at N = 3; the digits preset's setting
+    (N = 3, 4, 6: a full step 2 steps after the warm-up, where ours waits N); more warm-up at N = 2 / 3 (for the
+    slow end, where cache-dit's gated DBCache+TaylorSeer leads); order 2 at N = 3; the digits preset's setting
     (``forecast-n5``: Newton order 3, last step full) as it is; ToCa+forecast with PixArt's partial modules
     (cross-attention and MLP; self-attention forecast whole) recomputing 5 % of the tokens by similarity and at
     random."""
