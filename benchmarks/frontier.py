@@ -237,9 +237,10 @@ def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
     random."""
     forecast = tc.ForecastConfig
 
-    def newton(n: int, order: int, first: int = 3, last: int = 0, first_interval: int | None = None) -> Any:
+    def newton(n: int, order: int, first: int = 3, last: int = 0, first_interval: int | None = None,
+               target: str = "modules") -> Any:
         return tc.FORAConfig(interval=n, first_full_steps=first, last_full_steps=last, first_interval=first_interval,
-                             forecast=forecast(order, expansion="newton"))
+                             forecast=forecast(order, expansion="newton", target=target))
 
     if quick:
         return [("forecast N=3 newton o1 first=3", newton(3, 1))]
@@ -250,6 +251,14 @@ def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
     rows += [("forecast N=2 newton o1 first=9", newton(2, 1, first=9)),
              ("forecast N=3 newton o1 first=6 first_interval=2", newton(3, 1, first=6, first_interval=2)),
              ("forecast N=3 newton o1 first=9 first_interval=2", newton(3, 1, first=9, first_interval=2))]
+    # the transformer's output forecast whole, the blocks skipped (target="output"): N=2 first=3 gives diffusers'
+    # TaylorSeer lite's images; on 20 samples of seed 1 more warm-up at the same 16 full steps (N=3 first=9) beat it
+    # by 0.5 dB, and at 8 full steps N=5 first=3 beat TaylorSeer's N=6 steps by 2 dB (module forecast, 28.5 dB)
+    rows += [(f"forecast output N={n} newton o1 first={first}" + (f" first_interval={fi}" if fi else "")
+              + (" (diffusers TaylorSeer lite's steps)" if (n, first) == (2, 3) else ""),
+              newton(n, 1, first=first, first_interval=fi, target="output"))
+             for n, first, fi in ((2, 3, None), (3, 9, 2), (4, 5, 2), (5, 3, None), (6, 3, None),
+                                  (8, 3, None))]
     rows += [("forecast N=3 newton o2 first=3", newton(3, 2)),
              ("forecast N=5 newton o3 last=1 (digits forecast-n5 setting)", newton(5, 3, first=1, last=1))]
     rows += [(f"ToCa+forecast {score} N=4 r=0.05", tc.ToCaConfig(
@@ -468,7 +477,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + "".join(f" Rows measured in a second process running side by side on {u['date']} ({u['wall_minutes']:.0f} "
                   f"min, their own uncached reference in that process): {', '.join(u['methods'])}."
                   for u in meta.get("parallel", []))
-        + "".join(f" Rows re-run with `--update` on {u['date']} ({u['wall_minutes']:.0f} min, their own uncached "
+        + "".join(f" Rows re-run with `--update` on {u['date']} ({u['wall_minutes']:.0f} min, "
+                  f"{u.get('repeats', meta.get('repeats', 1))} repeat(s), their own uncached "
                   f"reference in that process): {', '.join(u['methods'])}." for u in meta.get("updates", [])),
         "",
         f"FLOPs speed-up: tokencache's plan against the uncached run of the same sampler ({references}); "
@@ -793,6 +803,7 @@ def main(argv: list[str] | None = None) -> None:
         fresh = [r for r in fresh if re.search(args.only, r["method"])]
         store.meta.setdefault("updates", []).append(dict(date=fresh_meta["date"],
                                                          wall_minutes=fresh_meta["wall_minutes"],
+                                                         repeats=args.repeats,
                                                          methods=[r["method"] for r in fresh]))
         records, meta = store.records, store.meta
     elif args.resume and saved_path.exists():

@@ -10,7 +10,7 @@ from torch import nn
 
 import tokencache as tc
 
-from models import tiny_dit, tiny_dit_pipeline
+from models import tiny_dit, tiny_dit_pipeline, tiny_pixart
 from test_equivalence import cached_run_and_plan, dit_pipe_run
 
 F = tc.ForecastConfig
@@ -225,3 +225,95 @@ def test_scalar_fast_path_equals_the_per_token_path(monkeypatch, preset):
     handle.remove()
     assert torch.allclose(torch.from_numpy(fast), torch.from_numpy(slow), atol=1e-5)
     assert not (fast == dit_pipe_run(pipe, steps=12)).all()  # the cache did change the output
+
+
+# ---- ForecastConfig(target="output"): skip the transformer on steps that recompute nothing ----------------------
+
+def _pixart_euler_loop(transformer, steps: int, taylorseer_context: bool = False, return_dict: bool = True):
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    caption = torch.randn(2, 5, 12, generator=g)
+    outputs = []
+    with torch.no_grad():
+        for i in range(steps):
+            t = 900 - 70 * i
+            if taylorseer_context:  # PixArt's pipelines open no cache context: open the one they would
+                _set_cache_context(transformer, CacheContext("cond_uncond", i, steps, torch.tensor(t)))
+            out = transformer(x, encoder_hidden_states=caption, timestep=torch.tensor([t, t]),
+                              added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=return_dict)
+            sample = out.sample if return_dict else out[0]
+            outputs.append(sample.clone())
+            x = x - 0.05 * sample[:, :4]
+    return x, outputs
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_output_target_is_diffusers_taylorseer_lite(order):
+    """diffusers' lite mode forecasts ``proj_out`` and zeroes the blocks; the output target forecasts the
+    transformer's output, a rearrangement of ``proj_out``'s: the same samples, without running the blocks."""
+    steps = 12
+    reference = tiny_pixart()
+    apply_taylorseer_cache(reference, TaylorSeerCacheConfig(
+        cache_interval=3, disable_cache_before_step=2, max_order=order, taylor_factors_dtype=torch.float32,
+        use_lite_mode=True))
+    expected, _ = _pixart_euler_loop(reference, steps, taylorseer_context=True)
+    plain, _ = _pixart_euler_loop(tiny_pixart(), steps)
+    transformer = tiny_pixart()
+    calls = []
+    transformer.transformer_blocks[0].register_forward_hook(lambda *args: calls.append(1))
+    handle = tc.apply(transformer, tc.FORAConfig(interval=3, first_full_steps=2, first_interval=2,
+                                                 forecast=F(order, target="output")))
+    with handle.sampling(num_steps=steps):
+        got, outputs = _pixart_euler_loop(transformer, steps, return_dict=order != 1)  # tuples too
+    stats = handle.stats()
+    handle.remove()
+    assert stats.reuse_steps == 7 and len(calls) == 5  # the blocks ran on the 5 computed steps only
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)  # it did cache
+    if order == 0:  # a skipped step hands out the last computed output (a copy)
+        assert torch.equal(outputs[2], outputs[1]) and outputs[2].data_ptr() != outputs[1].data_ptr()
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_output_target_flops_equal_plan_and_runs_do_not_leak(order):
+    pipe = tiny_dit_pipeline()
+    config = tc.FORAConfig(interval=3, first_full_steps=2, forecast=F(order, target="output"))
+    handle = tc.apply(pipe, config)
+    first = dit_pipe_run(pipe, steps=9)
+    dit_pipe_run(pipe, steps=9, labels=(3, 4, 5))  # another batch size in between
+    again = dit_pipe_run(pipe, steps=9)
+    stats = handle.stats()
+    handle.remove()
+    assert (first == again).all()
+    plan = tc.plan(config, pipe.transformer, 9, batch_size=4)
+    assert stats.flops == plan.flops and stats.flops_full == plan.flops_full
+    assert stats.forecast_flops == plan.forecast_flops == (0 if order == 0 else 2 * 9 * 4 * 8 * 8 * 8)
+    modules = tc.FORAConfig(interval=3, first_full_steps=2, forecast=F(order))
+    assert plan.flops < tc.plan(modules, pipe.transformer, 9, batch_size=4).flops  # no block runs when skipped
+    assert 0 < stats.cache_bytes <= (order + 1) * 4 * 8 * 8 * 8 * 4 + 1024  # the outputs only, no module cache
+
+
+def test_output_target_on_flux_equals_its_plan():
+    from models import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    config = tc.FORAConfig(interval=2, first_full_steps=2, forecast=F(1, expansion="newton", target="output"))
+    handle = tc.apply(pipe, config)
+    pipe(prompt_embeds=torch.randn(1, 5, 12), pooled_prompt_embeds=torch.randn(1, 10), num_inference_steps=6,
+         height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="latent")
+    stats = handle.stats()
+    handle.remove()
+    plan = tc.plan(config, pipe.transformer, 6, batch_size=1, num_tokens=64, context_tokens=5)  # 32 px: 8x8 tokens
+    assert stats.reuse_steps == 2 and stats.flops == plan.flops and stats.forecast_flops == plan.forecast_flops > 0
+
+
+def test_output_target_validation():
+    with pytest.raises(ValueError, match="ForecastConfig.target"):
+        F(target="blocks")
+    with pytest.raises(ValueError, match="ForecastConfig.target"):
+        F(target="output", clusters=4)
+    for config in (lambda f: tc.ToCaConfig(forecast=f), lambda f: tc.TokenCacheConfig(_predictor(), forecast=f)):
+        with pytest.raises(ValueError, match="forecast must be a ForecastConfig with target='modules'"):
+            config(F(target="output"))

@@ -25,6 +25,7 @@ from .flops import (
 )
 from .forecast import TokenForecaster, cluster_correction, forecast_flops, kmeans, relative_error
 from .layouts import BlockEntry, ModuleSlot, bound_arguments, canonical_tokens, flat_rows, group_shape
+from .output_forecast import OutputForecaster
 from .schedule import CachePolicy, block_is_full, fresh_tokens
 from .state import SharedSelection, SlotKey, SlotState, StepContext, StepTracker, StreamState
 
@@ -187,7 +188,13 @@ class CacheEngine:
         self.tracker = tracker if tracker is not None else StepTracker([pipeline] if pipeline is not None else [])
         self.cache_dtype: torch.dtype | None = getattr(config, "cache_dtype", None)
         forecast = getattr(config, "forecast", None)
-        self.forecast = forecast if forecast is not None and forecast.order > 0 else None
+        whole_output = forecast is not None and forecast.target == "output"
+        self.output_forecaster = OutputForecaster(forecast) if whole_output else None
+        """With ``target="output"``: the steps that recompute nothing skip the transformer, and the modules keep
+        no cache (the other steps are full)."""
+        self.skip_call = False
+        """Whether the current transformer call is skipped and its output forecast."""
+        self.forecast = forecast if forecast is not None and forecast.order > 0 and not whole_output else None
         self.forecaster = TokenForecaster(forecast) if self.forecast is not None else None
         self.forecast_axis = forecast.axis if forecast is not None else "step"
         self.clusters = self.forecast.clusters if self.forecast is not None else 0
@@ -202,6 +209,7 @@ class CacheEngine:
         self._call_started = 0.0
         self._call_rows = 0
         self._flop_memo: dict[tuple, int] = {}
+        self._skipped_memo: dict[tuple, tuple[int, dict[str, int]]] = {}
         self._call_indices: dict[str, tuple[int, torch.Tensor]] = {}
         """Rows each slot of the current block call recomputed, for later slots with ``index_from``."""
         self.shared_selection = bool(blocks) and blocks[0].shared_selection
@@ -261,6 +269,11 @@ class CacheEngine:
                                    self.table[step], position, full_blocks)
         self._call_rows = 0
         self._call_indices = {}
+        self.skip_call = self.output_forecaster is not None and not self.context.is_full
+        if self.skip_call:
+            self._account_skipped(num_tokens, grid, context_tokens, batch)
+            self._start_timer(hidden_states.device)
+            return self.context
         if self.shared_selection and self.selector is not None:
             self._begin_shared(self.context, hidden_states.device)
         overhead = self._memo(("overhead", num_tokens, context_tokens, batch),
@@ -269,11 +282,49 @@ class CacheEngine:
         self.record.flops += overhead
         self.record.flops_full += overhead
         self.record.cfg_shared = self.streams[0].cfg_shared
-        if self.timer.enabled:
-            if hidden_states.device.type == "cuda":
-                torch.cuda.synchronize(hidden_states.device)
-            self._call_started = time.perf_counter()
+        self._start_timer(hidden_states.device)
         return self.context
+
+    def _start_timer(self, device: torch.device) -> None:
+        if self.timer.enabled:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self._call_started = time.perf_counter()
+
+    def _account_skipped(self, num_tokens: int, grid: tuple[int, ...], context_tokens: int, batch: int) -> None:
+        """A skipped call saves what computing it would have cost (its forecast is counted when it is made)."""
+        def full_call() -> tuple[int, dict[str, int]]:
+            flops = sum(block_overhead_flops(b, num_tokens, batch, context_tokens) for b in self.blocks)
+            tokens: dict[str, int] = {}
+            for block in self.blocks:
+                for slot, module in block.slots():
+                    work = slot_work(block, slot, module, 1.0, num_tokens, grid, context_tokens, batch)
+                    flops += work.flops_full
+                    tokens[slot.kind] = tokens.get(slot.kind, 0) + work.tokens * batch
+            return flops, tokens
+
+        key = ("skipped", num_tokens, grid, context_tokens, batch)
+        if key not in self._skipped_memo:
+            self._skipped_memo[key] = full_call()
+        flops, tokens = self._skipped_memo[key]
+        rec = self.record
+        rec.flops_full += flops
+        for kind, count in tokens.items():
+            rec.tokens_total[kind] = rec.tokens_total.get(kind, 0) + count
+
+    # With target="output": the transformer hook asks whether to run the model, and hands over what it returned.
+    def forecast_output(self) -> Any:
+        """The forecast output of the current (skipped) call."""
+        output, work = self.output_forecaster.forecast(self.context.stream.output, self.context.position)
+        self.record.flops += work
+        self.record.forecast_flops += work
+        return output
+
+    def store_output(self, output: Any) -> None:
+        """Keep the output of a computed call for the forecasts of the skipped ones."""
+        work = self.output_forecaster.store(self.context.stream.output, output, self.context.position)
+        self.record.flops += work
+        self.record.forecast_flops += work
 
     def _selection_plan(self, ctx: StepContext) -> tuple[int, bool]:
         """(most tokens any token-wise module recomputes at this step, whether one is computed on every token)."""
@@ -343,6 +394,7 @@ class CacheEngine:
     def end_call(self) -> None:
         ctx = self.context
         self.context = None
+        self.skip_call = False
         if ctx is None:
             return
         rec = self.record
@@ -412,6 +464,10 @@ class CacheEngine:
         tokens = arguments["hidden_states"]
         batch, num_tokens = tokens.shape[0], tokens.shape[1]
         context_tokens = _context_tokens(slot, arguments)
+        if self.output_forecaster is not None:  # every call that runs is full: the modules need no cache
+            output = original(*args, **kwargs)
+            self._account(block, slot, module, num_tokens, num_tokens, context_tokens, batch)
+            return output
         if slot.partial == "whole":
             return self._run_whole(ctx, block, slot, module, original, args, kwargs, tokens, context_tokens)
         if block.shared_selection:

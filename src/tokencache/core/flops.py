@@ -177,3 +177,19 @@ def output_width(module: nn.Module) -> int:
     if not linears:
         raise ValueError(f"{type(module).__name__} has no linear layer to read its output width from")
     return linears[-1].out_features
+
+
+FINAL_PROJECTIONS = ("proj_out_2", "proj_out", "final_layer.linear")
+"""Names of a transformer's last linear, which maps each image token to its output values (DiT: ``proj_out_2``;
+PixArt, FLUX, SD3, Wan, HunyuanVideo: ``proj_out``; OpenSora: ``final_layer.linear``)."""
+
+
+def output_values_per_token(transformer: nn.Module) -> int:
+    """Output values per image token (a patch's channels times its pixels): the width of the final projection."""
+    modules = dict(transformer.named_modules())
+    for name in FINAL_PROJECTIONS:
+        module = modules.get(name)
+        if isinstance(module, nn.Linear):
+            return module.out_features
+    raise ValueError(f"tc.plan cannot size the output of {type(transformer).__name__} for ForecastConfig(target="
+                     f"'output'): it has no final projection named one of {FINAL_PROJECTIONS}")

@@ -26,6 +26,8 @@ TokenUpdate = Literal["anchor", "differences"]
 Expansion = Literal["taylor", "newton"]
 EXPANSIONS: tuple[str, ...] = ("taylor", "newton")
 TOKEN_UPDATES: tuple[str, ...] = ("anchor", "differences")
+ForecastTarget = Literal["modules", "output"]
+FORECAST_TARGETS: tuple[str, ...] = ("modules", "output")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ class ForecastConfig:
     """What a token recomputed on a partial step updates. ``anchor``: its value and position, keeping the
     derivative estimates of the last full computation (the expansion restarts from the fresh value).
     ``differences``: its derivative estimates too, by divided differences over its own step distance."""
+    target: ForecastTarget = "modules"
+    """What is forecast. ``modules``: every cacheable module's output, token by token; the blocks still run
+    around them. ``output``: the transformer's output as a whole, and a step that recomputes nothing does
+    not run the transformer at all (diffusers' TaylorSeer "lite" mode, which forecasts ``proj_out`` and
+    skips the blocks, gives the same images). Its forecast steps cost next to nothing; its forecasts are
+    coarser. Only for schedules whose steps are either full or recompute nothing (FORA's)."""
 
     def __post_init__(self) -> None:
         cls = type(self)
@@ -72,12 +80,22 @@ class ForecastConfig:
         check_number(cls, "cluster_weight", self.cluster_weight, 0.0, 1.0)
         if self.token_update not in TOKEN_UPDATES:
             raise field_error(cls, "token_update", f"one of {TOKEN_UPDATES}", self.token_update)
+        if self.target not in FORECAST_TARGETS:
+            raise field_error(cls, "target", f"one of {FORECAST_TARGETS}", self.target)
+        if self.target == "output" and (self.clusters or self.token_update != "anchor"):
+            raise field_error(cls, "target", "'modules' with clusters or token_update='differences' (the output "
+                              "target forecasts no token-wise state)", self.target)
 
 
-def check_forecast(cls: type, value: Any) -> None:
-    """The ``forecast`` field of a method's config: ``None`` or a :class:`ForecastConfig`."""
+def check_forecast(cls: type, value: Any, output_target: bool = False) -> None:
+    """The ``forecast`` field of a method's config: ``None`` or a :class:`ForecastConfig`; ``output_target``:
+    whether the method's schedule allows ``target="output"`` (its steps are full or recompute nothing)."""
     if value is not None and not isinstance(value, ForecastConfig):
         raise field_error(cls, "forecast", "None or a ForecastConfig", value)
+    if value is not None and value.target == "output" and not output_target:
+        raise field_error(cls, "forecast", "a ForecastConfig with target='modules' (its partial steps recompute "
+                          "tokens, so the transformer must run on them; target='output' is for FORAConfig)",
+                          value)
 
 
 def forecast_flops(config: ForecastConfig | None, full: bool, rows: int, num_tokens: int, width: int,

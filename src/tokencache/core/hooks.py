@@ -37,9 +37,25 @@ class TransformerHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         self._begin(module, args, kwargs)
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            if self.engine.output_forecaster is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            forecast = self._forecast()
+            if forecast is not None:
+                return forecast
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            self._store(output)
+            return output
         finally:
             self._end()
+
+    # ForecastConfig(target="output"): a call that recomputes nothing is skipped and its output forecast
+    @torch.compiler.disable
+    def _forecast(self) -> Any:
+        return self.engine.forecast_output() if self.engine.skip_call else None
+
+    @torch.compiler.disable
+    def _store(self, output: Any) -> None:
+        self.engine.store_output(output)
 
     # The run/step/stream bookkeeping reads the timestep's value and branches on Python counters: under
     # torch.compile it runs eagerly (one graph break each) instead of being traced, which would guard on the

@@ -10,8 +10,9 @@ from typing import Any
 from torch import nn
 
 from .engine import ratio_table, slot_work
-from .flops import Counting, FlopConvention, block_overhead_flops, flop_convention
+from .flops import Counting, FlopConvention, block_overhead_flops, flop_convention, output_values_per_token
 from .layouts import check_config_fits, find_blocks, grid_size, model_layout
+from .output_forecast import OutputForecaster
 
 
 def default_num_tokens(transformer: nn.Module) -> int:
@@ -138,12 +139,18 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     table = ratio_table(policy, blocks)
     overhead = sum(block_overhead_flops(b, n, batch_size, context_tokens, convention=convention) for b in blocks)
     forecast = getattr(config, "forecast", None)
+    whole_output = OutputForecaster(forecast) if forecast is not None and forecast.target == "output" else None
+    if whole_output is not None:  # the modules keep no cache; the transformer's output is forecast
+        forecast = None
+        output_values = n * output_values_per_token(transformer) * batch_size
     flops = flops_full = extra_flops = 0
     kinds, fractions, step_flops = [], [], []
     for step in range(num_steps):
         before = flops
         computed = 0
         row = []
+        full = policy.full_steps[step]
+        skipped = whole_output is not None and not full
         for block in blocks:
             largest = 0.0
             for slot, module in block.slots():
@@ -152,14 +159,17 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
                                  score=getattr(config, "score", None))
                 computed += work.rows
                 largest = max(largest, work.rows / work.tokens if work.tokens else 0.0)
-                flops += work.flops + work.forecast_flops
+                flops += 0 if skipped else work.flops + work.forecast_flops
                 flops_full += work.flops_full
                 extra_flops += work.forecast_flops
             row.append(largest)
-        flops += overhead
+        flops += 0 if skipped else overhead
         flops_full += overhead
+        if whole_output is not None:  # an output stored after a computed step, or forecast on a skipped one
+            work = whole_output.flops(output_values, full=not skipped)
+            flops += work
+            extra_flops += work
         step_flops.append(flops - before)
-        full = policy.full_steps[step]
         kinds.append("full" if full else ("partial" if computed else "reuse"))
         fractions.append(tuple(row))
     method = type(config).__name__.removesuffix("Config")

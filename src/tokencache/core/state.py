@@ -6,6 +6,7 @@ batch shapes or models (each handle owns its own state).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,20 @@ class SlotState:
 
 
 @dataclass
+class OutputState:
+    """With ``ForecastConfig(target="output")``: one stream's computed transformer outputs, one cache per output
+    tensor, each seen as one token per sample (B, 1, numel / B)."""
+
+    tensors: list[SlotState] = field(default_factory=list)
+    shapes: list[torch.Size] = field(default_factory=list)
+    rebuild: Callable[[list[torch.Tensor]], Any] | None = None
+    """Builds an output of the form the transformer returned (tensor, tuple or ``BaseOutput``)."""
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.tensors)
+
+
+@dataclass
 class SharedSelection:
     """With :attr:`tokencache.core.layouts.ModelLayout.shared_selection`: the fresh tokens of one stream, chosen once
     per transformer call over each sample's canonical tokens (frame-major for video) and read by every block."""
@@ -82,6 +97,8 @@ class StreamState:
     ``text``, ``joint``) when the block's attention covers several."""
     shared: SharedSelection | None = None
     """The selection shared by all blocks, for models that choose fresh tokens once per call."""
+    output: OutputState = field(default_factory=OutputState)
+    """The transformer's outputs, with ``ForecastConfig(target="output")``."""
 
     def slot(self, key: SlotKey) -> SlotState:
         if key not in self.slots:
@@ -90,7 +107,7 @@ class StreamState:
 
     def cache_bytes(self) -> int:
         shared = self.shared.nbytes() if self.shared is not None else 0
-        return shared + sum(s.nbytes() for s in self.slots.values())
+        return shared + self.output.nbytes() + sum(s.nbytes() for s in self.slots.values())
 
     def score_bytes(self) -> int:
         tensors = [t for v in self.raw_scores.values() for t in (v.values() if isinstance(v, dict) else (v,))]

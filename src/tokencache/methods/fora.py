@@ -40,7 +40,7 @@ class FORAConfig(PresetMixin):
     def __post_init__(self) -> None:
         check_number(type(self), "interval", self.interval, 1, integer=True)
         check_cache_dtype(type(self), self.cache_dtype)
-        check_forecast(type(self), self.forecast)
+        check_forecast(type(self), self.forecast, output_target=True)
         check_number(type(self), "first_full_steps", self.first_full_steps, 1, integer=True)
         check_number(type(self), "last_full_steps", self.last_full_steps, 0, integer=True)
         if self.first_interval is not None:
