@@ -58,6 +58,8 @@ def tokencache_methods() -> list[tuple[str, str, Any]]:
         ("tokencache forecast-n5", "order 1, float32", forecast(1, None)),
         ("tokencache forecast-n5", "order 1, bfloat16", forecast(1, torch.bfloat16)),
         ("tokencache ToCa", "dit-ddim50 preset", tc.ToCaConfig.preset("dit-ddim50")),
+        ("tokencache forecast-output-n5", "the output, Newton order 3, float32",
+         tc.FORAConfig.preset("forecast-output-n5")),
     ]
 
 
@@ -67,17 +69,24 @@ def cached_modules(transformer: torch.nn.Module) -> int:
 
 
 def analytic_bytes(config: Any, batch: int, tokens: int, width: int, modules: int,
-                   dtype: torch.dtype = torch.float32) -> int:
+                   dtype: torch.dtype = torch.float32, output_width: int = 0) -> int:
     """What ``SlotState`` holds per module, times ``modules``: the output (B, n, D) in the cache dtype, the int32
     steps-since-fresh counter (B, n), with a ``similarity`` score the last input (B, n, D), and with forecasting
     ``order`` derivatives (B, n, D) in the forecast dtype, float64 positions (B, n, order) and int8 history (B, n).
+    With ``ForecastConfig(target="output")`` no module is cached: the transformer's output (B, n x
+    ``output_width``) and its ``order`` derivatives are, as one token per sample.
     """
     cache_dtype = getattr(config, "cache_dtype", None) or dtype
     size = torch.empty(0, dtype=cache_dtype).element_size()
+    forecast = getattr(config, "forecast", None)
+    if forecast is not None and forecast.target == "output":
+        factor = torch.empty(0, dtype=forecast.dtype or cache_dtype).element_size()
+        values = batch * tokens * output_width
+        return values * size + (batch * (forecast.order * 8 + 1) + values * forecast.order * factor
+                                if forecast.order else 0)
     per_module = batch * tokens * (width * size + 4)
     if getattr(config, "score", None) == "similarity":
         per_module += batch * tokens * width * size
-    forecast = getattr(config, "forecast", None)
     if forecast is not None and forecast.order > 0:
         factor = torch.empty(0, dtype=forecast.dtype or cache_dtype).element_size()
         per_module += batch * tokens * (forecast.order * (width * factor + 8) + 1)
@@ -182,7 +191,7 @@ def tokencache_row(pipe: Any, config: Any, labels: list[int], steps: int, seed: 
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     tokens = (transformer.config.sample_size // transformer.config.patch_size) ** 2
     analytic = analytic_bytes(config, 2 * len(labels), tokens, width, cached_modules(transformer),
-                              transformer.dtype)
+                              transformer.dtype, output_width=transformer.proj_out_2.out_features)
     return dict(bytes=stats.cache_bytes, analytic_bytes=analytic, score_bytes=stats.score_bytes,
                 speedup=round(stats.speedup, 3))
 
@@ -319,7 +328,8 @@ def main() -> None:
         "at the level of the block stack: the residual of the first block (to decide) and of the remaining "
         "blocks (to reuse), 2 tensors of (B, n, D) in all; its TaylorSeer calibrator replaces the second with "
         "its value and first difference at the last two computations (4 tensors). ToCa's attention scores "
-        "(`stats().score_bytes`, 30 KiB here) are not counted in its row.", "",
+        "(`stats().score_bytes`, 30 KiB here) are not counted in its row. `forecast-output-n5` caches no module: "
+        "it keeps the transformer's output (B, 1, 16, 16) and its 3 differences, 4 images' worth per sample.", "",
     ]
     (args.out / "cache-memory.md").write_text("\n".join(markdown))
 

@@ -165,7 +165,8 @@ def _digits_assets() -> Path:
 
 def _digits_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
     """The ``forecast-n*`` presets (the settings that won on this model) and the variants they won against:
-    TaylorSeer's expansion, order 1, and token-wise recomputation on top of the forecast (ToCa)."""
+    TaylorSeer's expansion, order 1, and token-wise recomputation on top of the forecast (ToCa); the
+    ``forecast-output-n*`` presets (the transformer skipped between full steps, its output forecast)."""
     forecast = tc.ForecastConfig
     rows = [(f"forecast N={n} (preset)", tc.FORAConfig.preset(f"forecast-n{n}"))
             for n in ((5,) if quick else (3, 4, 5, 6, 7))]
@@ -173,6 +174,10 @@ def _digits_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
         rows += [(f"forecast N={n} newton o{o}", tc.FORAConfig(interval=n, last_full_steps=1,
                                                                forecast=forecast(o, expansion="newton")))
                  for n, o in ((2, 3), (2, 2), (2, 1), (8, 2), (10, 2))]
+        rows += [(f"forecast output N={n} (preset)", tc.FORAConfig.preset(f"forecast-output-n{n}"))
+                 for n in (3, 4, 5, 6, 7, 8)]
+        rows += [("forecast output N=10 newton o2", tc.FORAConfig(
+            interval=10, last_full_steps=1, forecast=forecast(2, expansion="newton", target="output")))]
         rows += [("forecast N=5 taylor o3", tc.FORAConfig(interval=5, last_full_steps=1, forecast=forecast(3))),
                  ("forecast N=5 newton o1", tc.FORAConfig(interval=5, last_full_steps=1, forecast=forecast(1))),
                  ("ToCa+forecast similarity N=6 r=0.05", tc.ToCaConfig(

@@ -317,3 +317,22 @@ def test_output_target_validation():
     for config in (lambda f: tc.ToCaConfig(forecast=f), lambda f: tc.TokenCacheConfig(_predictor(), forecast=f)):
         with pytest.raises(ValueError, match="forecast must be a ForecastConfig with target='modules'"):
             config(F(target="output"))
+
+
+def test_output_target_keeps_the_model_dtype_and_honours_cache_dtype():
+    transformer = tiny_dit()
+    sizes = {}
+    for cache_dtype in (None, torch.bfloat16):
+        handle = tc.apply(transformer, tc.FORAConfig(interval=3, cache_dtype=cache_dtype,
+                                                     forecast=F(1, target="output")))
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), handle.sampling(num_steps=6):
+            for i in range(6):
+                out = transformer(x, timestep=torch.tensor([900 - 100 * i] * 2), class_labels=torch.tensor([1, 2]))
+                assert out.sample.dtype == torch.float32 and torch.isfinite(out.sample).all()
+        stats = handle.stats()
+        handle.remove()
+        assert stats.reuse_steps == 4
+        sizes[cache_dtype] = stats.cache_bytes
+    values = 2 * 8 * 8 * 8  # (B, out_channels, H, W): the output and its first difference
+    assert sizes[None] == 2 * values * 4 + 2 * (8 + 1) and sizes[torch.bfloat16] == 2 * values * 2 + 2 * (8 + 1)

@@ -88,7 +88,7 @@ def test_plan_grid_and_validation(dit_xl_2):
         tc.plan(tc.ToCaConfig(interval_ramp=tc.StepRamp(1.0, -2.0)), dit_xl_2, 10)
 
 
-@pytest.mark.parametrize("preset", ["dit-ddim50", "dit-ddpm250", "fora", "fora-n4"])
+@pytest.mark.parametrize("preset", ["dit-ddim50", "dit-ddpm250", "fora", "fora-n4", "forecast-output-n5"])
 def test_dit_run_flops_equal_plan(preset):
     pipe = tiny_dit_pipeline()
     config = tc.preset(preset)

@@ -38,8 +38,10 @@ def split_output(output: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
 class OutputForecaster:
     """Stores the outputs of computed steps and forecasts those of skipped ones, with the FLOPs of each."""
 
-    def __init__(self, config: ForecastConfig) -> None:
+    def __init__(self, config: ForecastConfig, cache_dtype: torch.dtype | None = None) -> None:
         self.config = config
+        self.cache_dtype = cache_dtype
+        """Storage dtype of the outputs (``None``: the model's); the derivatives use ``config.dtype`` or it."""
         self.expansion = TokenForecaster(config) if config.order > 0 else None
 
     def flops(self, numel: int, full: bool) -> int:
@@ -55,7 +57,7 @@ class OutputForecaster:
         work = 0
         for slot, tensor in zip(state.tensors, tensors, strict=True):
             # a copy: the pipeline owns the tensor it was handed and may change it in place
-            flat = tensor.detach().reshape(tensor.shape[0], 1, -1).clone()
+            flat = tensor.detach().reshape(tensor.shape[0], 1, -1).to(self.cache_dtype or tensor.dtype, copy=True)
             if self.expansion is not None:
                 self.expansion.update_all(slot, flat, position)
             slot.output = flat
@@ -70,7 +72,8 @@ class OutputForecaster:
                                "step of a run must be full")
         tensors, work = [], 0
         for slot, shape in zip(state.tensors, state.shapes, strict=True):
-            value = self.expansion.predict(slot, position) if self.expansion is not None else slot.output
+            value = (self.expansion.predict(slot, position) if self.expansion is not None
+                     else slot.output.to(slot.output_dtype))
             if value is slot.output:  # nothing to add yet: hand out a copy, never the cache itself
                 value = value.clone()
             tensors.append(value.reshape(shape))
