@@ -145,6 +145,17 @@ def test_first_interval_places_the_full_steps_as_diffusers_taylorseer(interval, 
         tc.FORAConfig(interval=interval, first_interval=0)
 
 
+def _repeated_runs(pipe, config):
+    """Two runs of the same batch with another batch size in between: (first, again, stats)."""
+    handle = tc.apply(pipe, config)
+    first = dit_pipe_run(pipe, steps=9)
+    dit_pipe_run(pipe, steps=9, labels=(3, 4, 5))  # another batch size in between
+    again = dit_pipe_run(pipe, steps=9)
+    stats = handle.stats()
+    handle.remove()
+    return first, again, stats
+
+
 @pytest.mark.parametrize("config", [
     tc.FORAConfig(interval=3, forecast=F(order=2), last_full_steps=1),
     tc.ToCaConfig(score="similarity", fresh_ratio=0.3, forecast=F(order=1, token_update="differences")),
@@ -152,12 +163,7 @@ def test_first_interval_places_the_full_steps_as_diffusers_taylorseer(interval, 
 ])
 def test_runs_repeat_flops_equal_plan_and_memory_is_reported(config):
     pipe = tiny_dit_pipeline()
-    handle = tc.apply(pipe, config)
-    first = dit_pipe_run(pipe, steps=9)
-    dit_pipe_run(pipe, steps=9, labels=(3, 4, 5))  # another batch size in between
-    again = dit_pipe_run(pipe, steps=9)
-    stats = handle.stats()
-    handle.remove()
+    first, again, stats = _repeated_runs(pipe, config)
     assert (first == again).all()
     plan = tc.plan(config, pipe.transformer, 9, batch_size=4)
     assert stats.flops == plan.flops and stats.forecast_flops == plan.forecast_flops > 0
@@ -280,12 +286,7 @@ def test_output_target_is_diffusers_taylorseer_lite(order):
 def test_output_target_flops_equal_plan_and_runs_do_not_leak(order):
     pipe = tiny_dit_pipeline()
     config = tc.FORAConfig(interval=3, first_full_steps=2, forecast=F(order, target="output"))
-    handle = tc.apply(pipe, config)
-    first = dit_pipe_run(pipe, steps=9)
-    dit_pipe_run(pipe, steps=9, labels=(3, 4, 5))  # another batch size in between
-    again = dit_pipe_run(pipe, steps=9)
-    stats = handle.stats()
-    handle.remove()
+    first, again, stats = _repeated_runs(pipe, config)
     assert (first == again).all()
     plan = tc.plan(config, pipe.transformer, 9, batch_size=4)
     assert stats.flops == plan.flops and stats.flops_full == plan.flops_full
