@@ -492,7 +492,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + (" CPU-time speed-up: the same ratio for the process CPU time of the same two runs "
            "(1 thread), which other processes on the machine disturb less than the wall clock but still move (on 2 "
            "cores, a third busy process slowed a reference run's CPU time by up to ~20 %: a row that computes every "
-           "step, such as a peer that skipped none, then reads above 1x); the plot uses it." if cpu else "")
+           "step, such as a peer that skipped none, then reads above 1x); the plot uses it; with more than one "
+           "round, the median and (in brackets) the range over rounds." if cpu else "")
         + f" PSNR/SSIM: against the uncached run of the same sampler and seed. FD: Frechet distance to "
         f"{spec.real_data} in the shipped classifier's feature space (lower is better"
         + (f"; {meta['samples']} real training images score {floor:.2f}, the floor at this sample size"
@@ -511,15 +512,28 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         cells = [r["method"], r["family"], sampler, _fmt(r["flops_speedup"], ".2f", "x"),
                  f"{r['measured_speedup']:.2f}x"]
         if cpu:
-            cells.append(_fmt(r.get("cpu_speedup"), ".2f", "x"))
+            spread = r.get("cpu_speedup_range") if r.get("repeats", 1) > 1 else None
+            cells.append(_fmt(r.get("cpu_speedup"), ".2f", "x")
+                         + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else ""))
         cells += [_psnr_text(r["psnr"]), f"{r['ssim']:.3f}", f"{r['fd']:.2f}", f"{r['accuracy']:.1%}", notes(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _family_front(rows: list[dict[str, Any]], key: str, value: str, sign: int) -> list[dict[str, Any]]:
+    """The rows no faster row of the same family beats on ``value`` (``sign`` 1: higher is better), by speed."""
+    front, best = [], -math.inf
+    for r in sorted(rows, key=lambda r: r[key], reverse=True):
+        if sign * r[value] > best:
+            front.append(r)
+            best = sign * r[value]
+    return front[::-1]
+
+
 def plot(records: list[dict[str, Any]], meta: dict[str, Any], path: Path, x: str = "cpu") -> None:
     """PSNR (left) and FD (right) against speed-up (JSON records), one curve per family and sampler: a colour and
-    marker per family, solid for the main sampler and dashed with open markers for the others (DDPM)."""
+    marker per family, solid for the main sampler and dashed with open markers for the others (DDPM); each curve
+    joins its family's best rows, the others are drawn as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -545,8 +559,13 @@ def plot(records: list[dict[str, Any]], meta: dict[str, Any], path: Path, x: str
                      markersize=11 if family == "no cache" else 6,
                      label=f"{family} ({SAMPLER_LABELS.get(sampler, sampler.upper())})")
         finite = [r for r in rows if _psnr_text(r["psnr"]) != "inf (identical)"]
-        left.plot([r[key] for r in finite], [r["psnr"] for r in finite], **style)
-        right.plot([r[key] for r in rows], [r["fd"] for r in rows], **style)
+        for ax, points, value, sign in ((left, finite, "psnr", 1), (right, rows, "fd", -1)):
+            # the line joins the family's best rows (none of its rows is faster and better); the rest are markers
+            front = _family_front(points, key, value, sign)
+            ax.plot([r[key] for r in front], [r[value] for r in front], **style)
+            rest = [r for r in points if r not in front]
+            ax.plot([r[key] for r in rest], [r[value] for r in rest], linestyle="none",
+                    **{k: v for k, v in style.items() if k not in ("linestyle", "label", "linewidth")})
     label = ("measured speed-up vs uncached (CPU time, same sampler)" if key == "cpu_speedup"
              else "measured speed-up vs uncached (wall clock, same sampler)")
     left.set_xlabel(label)

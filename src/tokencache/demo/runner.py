@@ -40,6 +40,8 @@ def demo_methods(quick: bool, ddpm: bool) -> list[Method]:
     if predictor is not None:
         methods.append(Method("TokenCache", "TokenCache", config=TokenCacheConfig(predictor)))
     methods.append(Method("forecast N=5 (forecast-n5)", "forecast", config=FORAConfig.preset("forecast-n5")))
+    methods.append(Method("output forecast N=5 (forecast-output-n5)", "forecast",
+                          config=FORAConfig.preset("forecast-output-n5")))
     if not quick:
         methods.append(Method("DDIM-20 (fewer steps)", "fewer steps", steps=20))
     if ddpm and not quick:
