@@ -189,8 +189,7 @@ class CacheEngine:
         self.cache_dtype: torch.dtype | None = getattr(config, "cache_dtype", None)
         forecast = getattr(config, "forecast", None)
         whole_output = forecast is not None and forecast.target == "output"
-        self.output_forecaster = OutputForecaster(forecast, getattr(config, "cache_dtype", None)) \
-            if whole_output else None
+        self.output_forecaster = OutputForecaster(forecast, self.cache_dtype) if whole_output else None
         """With ``target="output"``: the steps that recompute nothing skip the transformer, and the modules keep
         no cache (the other steps are full)."""
         self.skip_call = False
