@@ -276,14 +276,18 @@ class CacheEngine:
             return self.context
         if self.shared_selection and self.selector is not None:
             self._begin_shared(self.context, hidden_states.device)
-        overhead = self._memo(("overhead", num_tokens, context_tokens, batch),
-                              lambda: sum(block_overhead_flops(b, num_tokens, batch, context_tokens)
-                                          for b in self.blocks))
+        overhead = self._overhead(num_tokens, context_tokens, batch)
         self.record.flops += overhead
         self.record.flops_full += overhead
         self.record.cfg_shared = self.streams[0].cfg_shared
         self._start_timer(hidden_states.device)
         return self.context
+
+    def _overhead(self, num_tokens: int, context_tokens: int, batch: int) -> int:
+        """FLOPs every call of the blocks spends outside their cacheable modules (norms, adaLN)."""
+        return self._memo(("overhead", num_tokens, context_tokens, batch),
+                          lambda: sum(block_overhead_flops(b, num_tokens, batch, context_tokens)
+                                      for b in self.blocks))
 
     def _start_timer(self, device: torch.device) -> None:
         if self.timer.enabled:
@@ -294,7 +298,7 @@ class CacheEngine:
     def _account_skipped(self, num_tokens: int, grid: tuple[int, ...], context_tokens: int, batch: int) -> None:
         """A skipped call saves what computing it would have cost (its forecast is counted when it is made)."""
         def full_call() -> tuple[int, dict[str, int]]:
-            flops = sum(block_overhead_flops(b, num_tokens, batch, context_tokens) for b in self.blocks)
+            flops = self._overhead(num_tokens, context_tokens, batch)
             tokens: dict[str, int] = {}
             for block in self.blocks:
                 for slot, module in block.slots():

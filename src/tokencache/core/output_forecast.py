@@ -22,7 +22,7 @@ def split_output(output: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.
     tensor, a tuple or list of tensors (``return_dict=False``) or a diffusers ``BaseOutput`` of tensors."""
     if torch.is_tensor(output):
         return [output], lambda tensors: tensors[0]
-    if isinstance(output, (tuple, list)) and not hasattr(output, "keys"):
+    if isinstance(output, (tuple, list)):
         if all(torch.is_tensor(t) for t in output):
             kind = type(output)
             return list(output), lambda tensors: kind(tensors)
