@@ -257,8 +257,9 @@ def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
              ("forecast N=3 newton o1 first=6 first_interval=2", newton(3, 1, first=6, first_interval=2)),
              ("forecast N=3 newton o1 first=9 first_interval=2", newton(3, 1, first=9, first_interval=2))]
     # the transformer's output forecast whole, the blocks skipped (target="output"): N=2 first=3 gives diffusers'
-    # TaylorSeer lite's images; on 20 samples of seed 1 more warm-up at the same 16 full steps (N=3 first=9) beat it
-    # by 0.5 dB, and at 8 full steps N=5 first=3 beat TaylorSeer's N=6 steps by 2 dB (module forecast, 28.5 dB)
+    # TaylorSeer lite's images; the others place the same 16 full steps after more warm-up (N=3 first=9) or fill
+    # the fast end (results/frontier-fashion.md: 48.4 against lite's 47.9 dB; N=5 first=3 33.7 dB at 8 full steps,
+    # where the module forecast on TaylorSeer's N=6 steps gives 31.6)
     rows += [(f"forecast output N={n} newton o1 first={first}" + (f" first_interval={fi}" if fi else "")
               + (" (diffusers TaylorSeer lite's steps)" if (n, first) == (2, 3) else ""),
               newton(n, 1, first=first, first_interval=fi, target="output"))

@@ -93,10 +93,9 @@ FORAConfig.register_presets(
     }
 )
 
-# The same schedules with the transformer's output forecast whole (target="output"): a step between full steps
-# skips the transformer. On the digits DiT (DDIM-50, 40 samples of seed 1) this kept 41.3 dB (order 3) at N=5
-# where the module-level forecast-n5 kept 42.9 dB, at 4.55x FLOPs instead of 4.32x and for almost no work on the
-# forecast steps; the best orders were those of forecast-n*.
+# The same schedules with the transformer's output forecast whole (target="output"), with forecast-n*'s orders: a
+# step between full steps skips the transformer. On the digits DiT (benchmarks/results/frontier.md) N=5 kept 47.7 dB
+# at 4.55x FLOPs and 5.02x CPU time, where the module-level forecast-n5 kept 49.1 dB at 4.32x and 3.02x.
 FORAConfig.register_presets(
     {
         f"forecast-output-n{n}": (
