@@ -433,7 +433,10 @@ def notes(record: dict[str, Any]) -> str:
     if "unavailable" in record:
         return f"unavailable: {record['unavailable']}"
     if "full_steps" in record:
-        return f"full/partial/reuse steps {record['full_steps']}/{record['partial_steps']}/{record['reuse_steps']}"
+        steps = f"{record['full_steps']}/{record['partial_steps']}/{record['reuse_steps']}"
+        if record.get("forecast_steps"):  # rows from before the forecast count was kept list them as reuse
+            return f"full/partial/reuse/forecast steps {steps}/{record['forecast_steps']}"
+        return f"full/partial/reuse steps {steps}"
     calls = record.get("calls", 1)  # a peer's counts add up over a run's pipeline calls: show them per call
 
     def count(key: str) -> str:

@@ -86,7 +86,7 @@ def test_newton_forecast_is_exact_on_a_quadratic(axis):
     """Full steps 0, 1, 2, 6; steps 3-5 and 7-9 forecast a quadratic feature exactly (uneven timesteps too)."""
     timesteps = [999.0, 950.0, 870.0, 800.0, 700.0, 640.0, 500.0, 420.0, 300.0, 100.0]
     pairs, stats = _polynomial_run(F(order=2, axis=axis, expansion="newton"), timesteps)
-    assert stats.step_kinds.count("reuse") == 6
+    assert stats.step_kinds.count("forecast") == 6 and "reuse" not in stats.step_kinds
     for expected, got in pairs:
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -126,7 +126,7 @@ def test_full_steps_only_is_diffusers_taylorseer(order):
     handle = tc.apply(transformer, tc.FORAConfig(interval=3, first_full_steps=2, first_interval=2, forecast=F(order)))
     with handle.sampling(num_steps=steps):
         got = _euler_loop(transformer, steps)
-    assert handle.stats().reuse_steps == 7
+    assert handle.stats().forecast_steps == 7 and handle.stats().reuse_steps == 0
     handle.remove()
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3)  # it did cache
@@ -275,7 +275,9 @@ def test_output_target_is_diffusers_taylorseer_lite(order):
         got, outputs = _pixart_euler_loop(transformer, steps, return_dict=order != 1)  # tuples too
     stats = handle.stats()
     handle.remove()
-    assert stats.reuse_steps == 7 and len(calls) == 5  # the blocks ran on the 5 computed steps only
+    skipped = stats.forecast_steps if order else stats.reuse_steps  # order 0 copies the last output
+    assert skipped == 7 and stats.forecast_steps + stats.reuse_steps == 7
+    assert len(calls) == 5  # the blocks ran on the 5 computed steps only
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3)  # it did cache
     if order == 0:  # a skipped step hands out the last computed output (a copy)
@@ -290,6 +292,10 @@ def test_output_target_flops_equal_plan_and_runs_do_not_leak(order):
     assert (first == again).all()
     plan = tc.plan(config, pipe.transformer, 9, batch_size=4)
     assert stats.flops == plan.flops and stats.flops_full == plan.flops_full
+    assert stats.step_kinds == plan.step_kinds  # steps that run nothing: "forecast" from order 1, else "reuse"
+    assert ("forecast" in plan.step_kinds) == (order > 0) and ("reuse" in plan.step_kinds) == (order == 0)
+    text = str(plan)
+    assert ("+ forecast: taylor order 1 (output)" in text) == (order > 0) and ("reuse" in text) == (order == 0)
     assert stats.forecast_flops == plan.forecast_flops == (0 if order == 0 else 2 * 9 * 4 * 8 * 8 * 8)
     modules = tc.FORAConfig(interval=3, first_full_steps=2, forecast=F(order))
     assert plan.flops < tc.plan(modules, pipe.transformer, 9, batch_size=4).flops  # no block runs when skipped
@@ -307,7 +313,8 @@ def test_output_target_on_flux_equals_its_plan():
     stats = handle.stats()
     handle.remove()
     plan = tc.plan(config, pipe.transformer, 6, batch_size=1, num_tokens=64, context_tokens=5)  # 32 px: 8x8 tokens
-    assert stats.reuse_steps == 2 and stats.flops == plan.flops and stats.forecast_flops == plan.forecast_flops > 0
+    assert stats.forecast_steps == 2 and stats.step_kinds == plan.step_kinds
+    assert stats.flops == plan.flops and stats.forecast_flops == plan.forecast_flops > 0
 
 
 def test_output_target_validation():
@@ -333,7 +340,7 @@ def test_output_target_keeps_the_model_dtype_and_honours_cache_dtype():
                 assert out.sample.dtype == torch.float32 and torch.isfinite(out.sample).all()
         stats = handle.stats()
         handle.remove()
-        assert stats.reuse_steps == 4
+        assert stats.forecast_steps == 4
         sizes[cache_dtype] = stats.cache_bytes
     values = 2 * 8 * 8 * 8  # (B, out_channels, H, W): the output and its first difference
     assert sizes[None] == 2 * values * 4 + 2 * (8 + 1) and sizes[torch.bfloat16] == 2 * values * 2 + 2 * (8 + 1)

@@ -531,8 +531,8 @@ def _merge_stats(out: Path, num_batches: int, batch_size: int) -> dict[str, Any]
     if caches:
         flops, full = sum(c["flops"] for c in caches), sum(c["flops_full"] for c in caches)
         total.update(flops=flops, flops_full=full, speedup=full / flops if flops else None)
-        for key in ("full_steps", "partial_steps", "reuse_steps"):
-            total[key] = sum(c[key] for c in caches)
+        for key in ("full_steps", "partial_steps", "reuse_steps", "forecast_steps"):
+            total[key] = sum(c.get(key, 0) for c in caches)  # shards written before forecast_steps existed: 0
     return total
 
 

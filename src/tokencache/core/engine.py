@@ -23,7 +23,14 @@ from .flops import (
     output_width,
     slot_flops,
 )
-from .forecast import TokenForecaster, cluster_correction, forecast_flops, kmeans, relative_error
+from .forecast import (
+    TokenForecaster,
+    cluster_correction,
+    forecast_flops,
+    kmeans,
+    relative_error,
+    step_kind_without_compute,
+)
 from .layouts import BlockEntry, ModuleSlot, bound_arguments, canonical_tokens, flat_rows, group_shape
 from .output_forecast import OutputForecaster
 from .schedule import CachePolicy, block_is_full, fresh_tokens
@@ -199,6 +206,8 @@ class CacheEngine:
         self.forecast_axis = forecast.axis if forecast is not None else "step"
         self.clusters = self.forecast.clusters if self.forecast is not None else 0
         self.track_errors = getattr(config, "score", None) == "forecast_error"
+        self.idle_step_kind = step_kind_without_compute(forecast)
+        """What a step that recomputes nothing does: ``forecast`` (an expansion of order >= 1) or ``reuse``."""
         self.context: StepContext | None = None
         self.streams: list[StreamState] = []
         self.policy: CachePolicy | None = None
@@ -411,7 +420,7 @@ class CacheEngine:
         if tracker.call == 0:
             rec.model_evaluations += 1
         if tracker.first_call_of_step:
-            kind = "full" if ctx.is_full else ("partial" if self._call_rows > 0 else "reuse")
+            kind = "full" if ctx.is_full else ("partial" if self._call_rows > 0 else self.idle_step_kind)
             rec.step_kinds.append(kind)
             rec.num_steps = len(rec.step_kinds)
         if tracker.run_complete:

@@ -87,6 +87,19 @@ class ForecastConfig:
                               "target forecasts no token-wise state)", self.target)
 
 
+def step_kind_without_compute(config: ForecastConfig | None) -> str:
+    """The step kind (statistics and plans) of a step that recomputes no token: ``forecast`` when the cached
+    values are extrapolated (order >= 1), ``reuse`` when they are copied."""
+    return "forecast" if config is not None and config.order > 0 else "reuse"
+
+
+def describe_forecast(config: ForecastConfig | None) -> str:
+    """A short label such as ``newton order 2 (output)``; empty without forecasting."""
+    if config is None:
+        return ""
+    return f"{config.expansion} order {config.order} ({config.target})"
+
+
 def check_forecast(cls: type, value: Any, output_target: bool = False) -> None:
     """The ``forecast`` field of a method's config: ``None`` or a :class:`ForecastConfig`; ``output_target``:
     whether the method's schedule allows ``target="output"`` (its steps are full or recompute nothing)."""

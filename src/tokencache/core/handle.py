@@ -37,6 +37,9 @@ class CacheStats:
     full_steps: int
     partial_steps: int
     reuse_steps: int
+    """Steps that recomputed nothing and copied the cached values."""
+    forecast_steps: int
+    """Steps that recomputed nothing and extrapolated the cached values (``forecast=`` of order >= 1)."""
     step_kinds: tuple[str, ...]
     model_evaluations: int
     """Transformer evaluations per stream: ``num_steps`` for one-stage schedulers, more for Heun, KDPM2 and
@@ -69,16 +72,21 @@ class CacheStats:
         return {**asdict(self), "speedup": self.speedup,
                 "experts": {name: part.to_dict() for name, part in self.experts.items()}}
 
+    @staticmethod
+    def _idle(stats: CacheStats) -> str:
+        parts = [f"{stats.reuse_steps} reuse"] if stats.reuse_steps or not stats.forecast_steps else []
+        return ", ".join(parts + ([f"{stats.forecast_steps} forecast"] if stats.forecast_steps else []))
+
     def __str__(self) -> str:
         fractions = ", ".join(f"{k} {v:.1%}" for k, v in sorted(self.fresh_fraction.items()))
         return (
             f"{self.method}: {self.num_steps} steps ({self.full_steps} full, {self.partial_steps} partial, "
-            f"{self.reuse_steps} reuse; {self.model_evaluations} model evaluations)\n"
+            f"{self._idle(self)}; {self.model_evaluations} model evaluations)\n"
             f"  tokens recomputed: {fractions}\n"
             f"  FLOPs: {self.flops / 1e9:.2f} G of {self.flops_full / 1e9:.2f} G uncached -> {self.speedup:.2f}x\n"
             f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB, score state: {self.score_bytes / 2**10:.1f} KiB"
         ) + "".join(f"\n  {name}: {part.num_steps} steps ({part.full_steps} full, {part.partial_steps} partial, "
-                    f"{part.reuse_steps} reuse), {part.flops / 1e9:.2f} G of {part.flops_full / 1e9:.2f} G FLOPs "
+                    f"{self._idle(part)}), {part.flops / 1e9:.2f} G of {part.flops_full / 1e9:.2f} G FLOPs "
                     f"-> {part.speedup:.2f}x" for name, part in self.experts.items())
 
 
@@ -90,6 +98,7 @@ def _stats_from(method: str, record: RunRecord) -> CacheStats:
         full_steps=kinds.count("full"),
         partial_steps=kinds.count("partial"),
         reuse_steps=kinds.count("reuse"),
+        forecast_steps=kinds.count("forecast"),
         step_kinds=kinds,
         model_evaluations=record.model_evaluations,
         fresh_fraction={k: record.tokens_computed[k] / record.tokens_total[k] for k in record.tokens_total},

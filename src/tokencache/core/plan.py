@@ -11,6 +11,7 @@ from torch import nn
 
 from .engine import ratio_table, slot_work
 from .flops import Counting, FlopConvention, block_overhead_flops, flop_convention, output_values_per_token
+from .forecast import describe_forecast, step_kind_without_compute
 from .layouts import check_config_fits, find_blocks, grid_size, model_layout
 from .output_forecast import OutputForecaster
 
@@ -55,7 +56,8 @@ class Plan:
     num_tokens: int
     batch_size: int
     step_kinds: tuple[str, ...]
-    """``full``, ``partial`` (some module recomputes some tokens) or ``reuse`` per step."""
+    """``full``, ``partial`` (some module recomputes some tokens), ``reuse`` (nothing recomputed, cached values
+    copied) or ``forecast`` (nothing recomputed, cached values extrapolated) per step."""
     fresh_fraction: tuple[tuple[float, ...], ...]
     """Per step and block, the largest fraction of tokens any of its modules recomputes."""
     flops: int
@@ -64,6 +66,8 @@ class Plan:
     """FLOPs of each step; an uncached step costs ``flops_full / num_steps``."""
     forecast_flops: int = 0
     """Element-wise work of forecasting stale tokens, included in ``flops``."""
+    forecast: str = ""
+    """The forecast, e.g. ``newton order 2 (output)``; empty when cached values are reused as they are."""
     counting: str = "engine"
     """The FLOP convention of ``flops`` (:mod:`tokencache.core.flops`): ``engine``, ``toca`` (the official
     DiT-ToCa counter) or ``toca-flux`` (the official FLUX ToCa code's)."""
@@ -76,17 +80,20 @@ class Plan:
         return self.step_kinds.count(kind)
 
     def __str__(self) -> str:
+        forecast = f" + forecast: {self.forecast}" if self.forecast else ""
+        stale = "forecast" if self.forecast else "reused"
         lines = [
-            f"{self.method}: {self.num_steps} steps x {self.num_blocks} blocks, {self.num_tokens} tokens, "
+            f"{self.method}{forecast}: {self.num_steps} steps x {self.num_blocks} blocks, {self.num_tokens} tokens, "
             f"batch {self.batch_size}",
-            "grid: one row per step, one column per block; F full, . reused, 1-9 partial (tenths of tokens "
+            f"grid: one row per step, one column per block; F full, . {stale}, 1-9 partial (tenths of tokens "
             "recomputed by the freshest module)",
         ]
         for step, (kind, row) in enumerate(zip(self.step_kinds, self.fresh_fraction, strict=True)):
             cells = "".join("F" if kind == "full" or f >= 1.0
                             else ("." if f == 0 else str(min(9, max(1, math.ceil(10 * f))))) for f in row)
             lines.append(f"{step:4d} {kind:<7} {cells}")
-        lines.append(f"steps: {self.count('full')} full, {self.count('partial')} partial, {self.count('reuse')} reuse")
+        idle = f"{self.count('forecast')} forecast" if self.forecast else f"{self.count('reuse')} reuse"
+        lines.append(f"steps: {self.count('full')} full, {self.count('partial')} partial, {idle}")
         counter = "" if self.counting == "engine" else f" ({self.counting} counter)"
         lines.append(f"FLOPs{counter}: {self.flops / 1e12:.3f} T of {self.flops_full / 1e12:.3f} T uncached "
                      f"-> {self.speedup:.2f}x")
@@ -139,6 +146,8 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     table = ratio_table(policy, blocks)
     overhead = sum(block_overhead_flops(b, n, batch_size, context_tokens, convention=convention) for b in blocks)
     forecast = getattr(config, "forecast", None)
+    idle_kind = step_kind_without_compute(forecast)
+    label = describe_forecast(forecast) if idle_kind == "forecast" else ""
     whole_output = OutputForecaster(forecast) if forecast is not None and forecast.target == "output" else None
     if whole_output is not None:  # the modules keep no cache; the transformer's output is forecast
         forecast = None
@@ -170,9 +179,9 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
             flops += work
             extra_flops += work
         step_flops.append(flops - before)
-        kinds.append("full" if full else ("partial" if computed else "reuse"))
+        kinds.append("full" if full else ("partial" if computed else idle_kind))
         fractions.append(tuple(row))
     method = type(config).__name__.removesuffix("Config")
     return Plan(method, num_steps, len(blocks), n, batch_size, tuple(kinds), tuple(fractions), flops, flops_full,
-                tuple(step_flops), extra_flops, convention.name)
+                tuple(step_flops), extra_flops, label, convention.name)
 

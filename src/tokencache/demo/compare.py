@@ -204,7 +204,8 @@ def _record(pipe: Any, classifier: Any, method: Method, images: torch.Tensor, st
             raise RuntimeError(f"{method.name}: the run's uncached FLOPs ({stats.flops_full}) differ from the planned "
                                f"uncached run's ({ref_flops}); the plan does not see the shapes this pipeline runs")
         record.update(full_steps=stats.full_steps, partial_steps=stats.partial_steps,
-                      reuse_steps=stats.reuse_steps, cache_mib=stats.cache_bytes / 2**20)
+                      reuse_steps=stats.reuse_steps, forecast_steps=stats.forecast_steps,
+                      cache_mib=stats.cache_bytes / 2**20)
     else:
         flops = uncached_flops(pipe, method.steps, labels, guidance)
     cpu = speedup_spread(pairs, "cpu", tolerance)
