@@ -22,7 +22,7 @@ from tokencache.demo.fashion import (
     split_test_halves,
 )
 from tokencache.demo.fashion.data import IDXFormatError
-from tokencache.demo.fashion.train import train_fashion
+from tokencache.demo.fashion.train import learning_rate_factor, train_fashion
 
 TINY = dict(num_layers=2, width=32, head_dim=16)
 
@@ -137,6 +137,22 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="width"):
         train_fashion(tmp_path / "warm2", steps=7, data=data, init_from=tmp_path / "full", num_layers=2, width=64,
                       head_dim=16, progress=False, num_threads=None)
+
+
+def test_cooldown_decays_the_learning_rate_and_may_be_set_on_resume(tmp_path):
+    assert [learning_rate_factor(s, 10, 2, 4) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [learning_rate_factor(s, 4, 2, 0) for s in range(4)] == [0.5, 1, 1, 1]
+    _write_fashion(tmp_path, n_train=10)
+    data = load_fashion("train", tmp_path)
+    _tiny_train(tmp_path / "run", 3, data)  # constant rate so far
+    record = _tiny_train(tmp_path / "run", 6, data, cooldown_steps=2)  # resumed: cool down over steps 4-5
+    last_lr = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["opt"]["param_groups"][0]["lr"]
+    assert last_lr == pytest.approx(1e-3 * 0.5)
+    assert record["hyper_parameters"]["cooldown_steps"] == 2
+    assert [s["lr_schedule"] for s in record["sessions"]] == [
+        "linear warmup, then constant", "linear warmup, then constant, then linear decay to 0 over steps 4-6"]
+    with pytest.raises(ValueError, match="cooldown_steps must be between 0 and steps"):
+        _tiny_train(tmp_path / "bad", 3, data, cooldown_steps=4)
 
 
 @pytest.fixture(scope="module")

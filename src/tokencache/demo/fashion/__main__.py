@@ -19,6 +19,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine, "
                    "2 threads wasted most CPU time waiting for each other)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--cooldown-steps", type=int, default=0,
+                   help="decay the learning rate linearly to 0 over the last N of --steps (default 0: constant); "
+                   "a resumed run may set it")
     p.add_argument("--init-from", default=None,
                    help="warm start a run folder without checkpoint from these weights (e.g. the shipped ones)")
 
@@ -28,6 +31,7 @@ def run_train(args: argparse.Namespace) -> dict:
 
     return train_fashion(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          arch=args.arch, num_threads=args.threads, checkpoint_seconds=60 * args.checkpoint_minutes,
+                         cooldown_steps=args.cooldown_steps,
                          init_from=getattr(args, "init_from", None))
 
 

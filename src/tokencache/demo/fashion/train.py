@@ -38,7 +38,9 @@ __all__ = ["CHECKPOINT", "export_weights", "flow_matching_loss", "train_fashion"
 
 CHECKPOINT = "checkpoint.pt"
 #: Keys of the hyper-parameters that may change when a run is resumed (the rest must match the checkpoint).
-RESUMABLE_CHANGES = ("steps", "num_threads", "checkpoint_seconds", "checkpoint_every", "warm_started_from")
+# Settings a resumed run may change: how long it runs, how it checkpoints, and when the learning rate cools down.
+RESUMABLE_CHANGES = ("steps", "num_threads", "checkpoint_seconds", "checkpoint_every", "warm_started_from",
+                     "cooldown_steps", "lr_schedule")
 
 
 def flow_matching_loss(model: torch.nn.Module, x0: torch.Tensor, labels: torch.Tensor,
@@ -105,6 +107,7 @@ def train_fashion(
     width: int = 128,
     head_dim: int = 32,
     warmup_steps: int = 300,
+    cooldown_steps: int = 0,
     ema_decay: float = 0.999,
     class_dropout: float = 0.1,
     grad_clip: float = 1.0,
@@ -121,7 +124,9 @@ def train_fashion(
     """Train (or resume) toward ``steps`` optimiser steps; checkpoint into ``out_dir``; return the record.
 
     Learning rate: linear warmup over ``warmup_steps``, then constant (so ``steps`` can be raised on resume
-    and the EMA does the averaging). Labels become the null class with probability ``class_dropout``.
+    and the EMA does the averaging); ``cooldown_steps`` > 0 decays it linearly toward 0 over the last
+    ``cooldown_steps`` of ``steps`` (a resumed run may set it, to finish a run whose quality has levelled off).
+    Labels become the null class with probability ``class_dropout``.
     ``out_dir/checkpoint.pt`` (model, EMA, optimiser, generator, data order) is rewritten every
     ``checkpoint_seconds`` (and every ``checkpoint_every`` steps if > 0), on SIGTERM/SIGINT and at the end,
     together with the EMA weights as ``transformer/`` + ``scheduler/`` and ``training.json``.
@@ -134,6 +139,8 @@ def train_fashion(
     """
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
+    if not 0 <= cooldown_steps <= steps:
+        raise ValueError(f"cooldown_steps must be between 0 and steps ({steps}); got {cooldown_steps}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if num_threads is not None:
@@ -142,7 +149,9 @@ def train_fashion(
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "arch": arch, "num_layers": num_layers,
         "width": width, "head_dim": head_dim, "warmup_steps": warmup_steps, "ema_decay": ema_decay,
         "class_dropout": class_dropout, "grad_clip": grad_clip, "weight_decay": weight_decay,
-        "optimizer": "AdamW(betas=(0.9, 0.99))", "lr_schedule": "linear warmup, then constant",
+        "optimizer": "AdamW(betas=(0.9, 0.99))", "cooldown_steps": cooldown_steps,
+        "lr_schedule": "linear warmup, then constant" + (
+            f", then linear decay to 0 over steps {steps - cooldown_steps}-{steps}" if cooldown_steps else ""),
         "objective": "rectified flow, v = noise - x0, t ~ sigmoid(N(0, 1)), model timestep 1000 t",
         "checkpoint_seconds": checkpoint_seconds, "checkpoint_every": checkpoint_every,
         "num_threads": torch.get_num_threads(),
@@ -200,7 +209,7 @@ def train_fashion(
         hparams["warm_started_from"] = {"folder": str(init_from), "steps_done": step}
     n_params = sum(p.numel() for p in model.parameters())
     session = {"start_step": step, "end_step": step, "seconds": 0.0, "images_per_second": None,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "lr_schedule": hparams["lr_schedule"]}
     sessions.append(session)
     start = time.perf_counter()
     last_save = start
@@ -253,7 +262,7 @@ def train_fashion(
             x0, y = images[idx], labels[idx].clone()
             y[torch.rand(len(y), generator=gen) < class_dropout] = NUM_CLASSES
             for group in opt.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / max(warmup_steps, 1))
+                group["lr"] = lr * learning_rate_factor(step, steps, warmup_steps, cooldown_steps)
             loss = flow_matching_loss(model, x0, y, gen)
             _optimizer_step(model, opt, loss, grad_clip)
             _ema_update(ema, model, min(ema_decay, (1 + step) / (10 + step)))
@@ -274,6 +283,15 @@ def train_fashion(
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+
+
+def learning_rate_factor(step: int, steps: int, warmup_steps: int, cooldown_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) over the base rate: a linear warmup, then 1, then
+    (``cooldown_steps`` > 0) a linear decay whose last step still moves (1 / ``cooldown_steps``)."""
+    factor = min(1.0, (step + 1) / max(warmup_steps, 1))
+    if cooldown_steps:
+        factor *= min(1.0, (steps - step) / cooldown_steps)
+    return factor
 
 
 def _main_thread() -> bool:
