@@ -94,8 +94,9 @@ def step_kind_without_compute(config: ForecastConfig | None) -> str:
 
 
 def describe_forecast(config: ForecastConfig | None) -> str:
-    """A short label such as ``newton order 2 (output)``; empty without forecasting."""
-    if config is None:
+    """A short label such as ``newton order 2 (output)``; empty when nothing is extrapolated (no forecast, or
+    order 0, which reuses the cached values)."""
+    if step_kind_without_compute(config) == "reuse":
         return ""
     return f"{config.expansion} order {config.order} ({config.target})"
 

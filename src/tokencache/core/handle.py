@@ -72,22 +72,23 @@ class CacheStats:
         return {**asdict(self), "speedup": self.speedup,
                 "experts": {name: part.to_dict() for name, part in self.experts.items()}}
 
-    @staticmethod
-    def _idle(stats: CacheStats) -> str:
-        parts = [f"{stats.reuse_steps} reuse"] if stats.reuse_steps or not stats.forecast_steps else []
-        return ", ".join(parts + ([f"{stats.forecast_steps} forecast"] if stats.forecast_steps else []))
-
     def __str__(self) -> str:
         fractions = ", ".join(f"{k} {v:.1%}" for k, v in sorted(self.fresh_fraction.items()))
         return (
             f"{self.method}: {self.num_steps} steps ({self.full_steps} full, {self.partial_steps} partial, "
-            f"{self._idle(self)}; {self.model_evaluations} model evaluations)\n"
+            f"{_idle_steps(self)}; {self.model_evaluations} model evaluations)\n"
             f"  tokens recomputed: {fractions}\n"
             f"  FLOPs: {self.flops / 1e9:.2f} G of {self.flops_full / 1e9:.2f} G uncached -> {self.speedup:.2f}x\n"
             f"  cache memory: {self.cache_bytes / 2**20:.2f} MiB, score state: {self.score_bytes / 2**10:.1f} KiB"
         ) + "".join(f"\n  {name}: {part.num_steps} steps ({part.full_steps} full, {part.partial_steps} partial, "
-                    f"{self._idle(part)}), {part.flops / 1e9:.2f} G of {part.flops_full / 1e9:.2f} G FLOPs "
+                    f"{_idle_steps(part)}), {part.flops / 1e9:.2f} G of {part.flops_full / 1e9:.2f} G FLOPs "
                     f"-> {part.speedup:.2f}x" for name, part in self.experts.items())
+
+
+def _idle_steps(stats: CacheStats) -> str:
+    """The steps that recomputed nothing: ``3 reuse``, ``3 forecast`` or both."""
+    parts = [f"{stats.reuse_steps} reuse"] if stats.reuse_steps or not stats.forecast_steps else []
+    return ", ".join(parts + ([f"{stats.forecast_steps} forecast"] if stats.forecast_steps else []))
 
 
 def _stats_from(method: str, record: RunRecord) -> CacheStats:

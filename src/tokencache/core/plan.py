@@ -147,7 +147,7 @@ def plan(config: Any, transformer: nn.Module, num_steps: int, batch_size: int = 
     overhead = sum(block_overhead_flops(b, n, batch_size, context_tokens, convention=convention) for b in blocks)
     forecast = getattr(config, "forecast", None)
     idle_kind = step_kind_without_compute(forecast)
-    label = describe_forecast(forecast) if idle_kind == "forecast" else ""
+    label = describe_forecast(forecast)
     whole_output = OutputForecaster(forecast) if forecast is not None and forecast.target == "output" else None
     if whole_output is not None:  # the modules keep no cache; the transformer's output is forecast
         forecast = None

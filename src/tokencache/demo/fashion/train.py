@@ -37,8 +37,8 @@ from .model import build_transformer, make_scheduler, predict_velocity
 __all__ = ["CHECKPOINT", "export_weights", "flow_matching_loss", "train_fashion"]
 
 CHECKPOINT = "checkpoint.pt"
-#: Keys of the hyper-parameters that may change when a run is resumed (the rest must match the checkpoint).
-# Settings a resumed run may change: how long it runs, how it checkpoints, and when the learning rate cools down.
+#: Keys of the hyper-parameters that may change when a run is resumed (the rest must match the checkpoint): how
+#: long it runs, how it checkpoints, and when the learning rate cools down.
 RESUMABLE_CHANGES = ("steps", "num_threads", "checkpoint_seconds", "checkpoint_every", "warm_started_from",
                      "cooldown_steps", "lr_schedule")
 
