@@ -13,6 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 import tokencache as tc
 from tokencache.core.scores import FORECAST_SCORES, SCORES
 from tokencache.demo.fashion import (
+    DEFAULT_GUIDANCE_INTERVAL,
     FashionMNISTMissing,
     FashionPipeline,
     build_transformer,
@@ -173,6 +174,51 @@ def test_pipeline_samples_with_flow_match(tiny_pipe):
         tiny_pipe(class_labels=[10])
 
 
+def test_guidance_interval_guides_only_inside_its_flow_times(tiny_pipe):
+    from tokencache.demo.fashion.model import TIME_SCALE, predict_velocity
+
+    labels, steps, gen = [3, 7], 4, lambda: torch.Generator().manual_seed(2)
+    latents = torch.randn(2, 1, 28, 28, generator=gen())
+
+    def oracle(guided_times):  # the sampler written out: guidance 3 at the listed flow times, conditional elsewhere
+        x, sched = latents.clone(), make_scheduler()
+        sched.set_timesteps(steps)
+        for t in sched.timesteps:
+            flow_t = (t / TIME_SCALE).reshape(1).expand(4)
+            cond, uncond = predict_velocity(tiny_pipe.transformer, torch.cat([x, x]), flow_t,
+                                            torch.tensor(labels + [10, 10])).chunk(2)
+            v = uncond + 3.0 * (cond - uncond) if round(float(t) / TIME_SCALE, 3) in guided_times else cond
+            x = sched.step(v, t, x).prev_sample
+        return x.clamp(-1, 1)  # the pipeline's "pt" output
+
+    def run(interval):
+        return tiny_pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=3.0, latents=latents,
+                         guidance_interval=interval).images
+
+    # 4 steps sample at flow times 1, 0.667, 0.334, 0.001; the interval is open below and closed above
+    torch.testing.assert_close(run((0.5, 1.0)), oracle({1.0, 0.667}))
+    torch.testing.assert_close(run((0.334, 0.667)), oracle({0.667}))
+    torch.testing.assert_close(run((0.0, 1.0)), oracle({1.0, 0.667, 0.334, 0.001}))
+    assert not torch.allclose(run((0.5, 1.0)), run((0.0, 1.0)))
+    torch.testing.assert_close(run((0.0, 1.0)), tiny_pipe(class_labels=labels, num_inference_steps=steps,
+                                                          guidance_scale=3.0, latents=latents).images)
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.5), (0.6, 0.2), (-0.1, 1.0), (0.0, 1.5), (0.1,), "ab", None,
+                                      (0.1, 0.2, 0.3)])
+def test_guidance_interval_is_validated_before_sampling(tiny_pipe, interval):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        tiny_pipe(class_labels=[1], num_inference_steps=2, guidance_interval=interval)
+
+
+def test_quality_command_rejects_a_bad_guidance_interval(capsys):
+    from tokencache.demo.fashion.__main__ import main as fashion_main
+
+    with pytest.raises(SystemExit):
+        fashion_main(["quality", "--folder", "/nonexistent", "--guidance-interval", "0.9", "0.1"])
+    assert "--guidance-interval" in capsys.readouterr().err
+
+
 ALL_FRESH = dict(fresh_ratio=1.0, module_ratio={"self_attn": 1.0, "cross_attn": 1.0, "mlp": 1.0})
 
 
@@ -258,6 +304,9 @@ def test_sample_and_eval_on_the_shipped_fashion_model(tmp_path, capsys):
     assert main(["eval", "--samples", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["num_samples"] == 2 and result["num_real"] == 10000
+    shipped = [float(v) for v in DEFAULT_GUIDANCE_INTERVAL]  # the samples depend on it: recorded and checked on resume
+    assert json.loads((out / "run.json").read_text())["guidance_interval"] == shipped
+    assert json.loads((out / "index.json").read_text())["guidance_interval"] == result["guidance_interval"] == shipped
 
 
 def test_quality_report_merges_sample_counts_and_judges_the_bar_only_at_its_count(tmp_path, monkeypatch, tiny_pipe):
@@ -280,15 +329,24 @@ def test_quality_report_merges_sample_counts_and_judges_the_bar_only_at_its_coun
     kw = dict(steps=2, num_threads=None)
 
     report = quality.write_quality_report(tmp_path, (1.0, 2.0), n_per_class=1, **kw)  # the curve, 10 samples
-    assert [r["meets_bar"] for r in report["runs"]] == [None, None] and report["bar_met_at_guidance"] == []
+    assert [r["meets_bar"] for r in report["runs"]] == [None, None] and report["bar_met_at"] == []
     report = quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, **kw)
     assert [(r["n_samples"], r["guidance"]) for r in report["runs"]] == [(10, 1.0), (10, 2.0), (20, 2.0)]
     assert [r["meets_bar_same_n"] for r in report["runs"]] == [None, None, True]
-    assert report["bar_met_at_guidance"] == report["same_n_bar_met_at_guidance"] == [2.0]
+    full = {"guidance": 2.0, "guidance_interval": [0.0, 1.0]}
+    assert report["bar_met_at"] == report["same_n_bar_met_at"] == [full]
     assert json.loads((tmp_path / "quality.json").read_text()) == json.loads(json.dumps(report))
+    # the same guidance in another interval is another run, recorded with its interval
+    report = quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, guidance_interval=(0.2, 0.8),
+                                          **kw)
+    assert [(r["n_samples"], r["guidance"], r["guidance_interval"]) for r in report["runs"]] == [
+        (10, 1.0, [0.0, 1.0]), (10, 2.0, [0.0, 1.0]), (20, 2.0, [0.0, 1.0]), (20, 2.0, [0.2, 0.8])]
+    assert report["bar_met_at"] == [full, {"guidance": 2.0, "guidance_interval": [0.2, 0.8]}]
+    with pytest.raises(ValueError, match="guidance_interval"):
+        quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, guidance_interval=(0.8, 0.2), **kw)
     # re-measuring a run replaces it; without merge only the new runs are written
     report = quality.write_quality_report(tmp_path, (1.0,), n_per_class=1, merge=True, **kw)
-    assert [(r["n_samples"], r["guidance"]) for r in report["runs"]] == [(10, 1.0), (10, 2.0), (20, 2.0)]
+    assert [(r["n_samples"], r["guidance"]) for r in report["runs"]] == [(10, 1.0), (10, 2.0), (20, 2.0), (20, 2.0)]
     fresh = quality.write_quality_report(tmp_path, (1.0,), n_per_class=1, **kw)
     assert len(fresh["runs"]) == 1
     # runs of other weights are not merged

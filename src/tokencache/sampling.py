@@ -300,11 +300,21 @@ def _load_pipeline(spec: _ModelSpec, device: torch.device) -> Any:
     return pipe
 
 
-def _default_guidance(pipe: Any) -> float | None:
-    param = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
-    if param is None or param.default is inspect.Parameter.empty:
-        return None
-    return float(param.default)
+def _call_default(pipe: Any, name: str) -> Any:
+    """The default of the pipeline call's argument ``name``; None if it has no such argument or no default."""
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _sampler_settings(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """Guidance settings the samples depend on: ``guidance`` (``--guidance`` or the pipeline's default), and the
+    pipeline's default ``guidance_interval`` where it has one (the Fashion model)."""
+    guidance = args.guidance if args.guidance is not None else _call_default(pipe, "guidance_scale")
+    found = {"guidance": None if guidance is None else float(guidance)}
+    interval = _call_default(pipe, "guidance_interval")
+    if interval is not None:  # absent otherwise, so run folders written before it existed still resume
+        found["guidance_interval"] = [float(v) for v in interval]
+    return found
 
 
 def _as_images(images: Any) -> torch.Tensor:
@@ -449,7 +459,7 @@ def _build_config(method: str) -> Any | None:
     return preset(method)
 
 
-def _settings(args: argparse.Namespace, spec: _ModelSpec, guidance: float | None,
+def _settings(args: argparse.Namespace, spec: _ModelSpec, sampler: dict[str, Any],
               prompts: list[str] | None) -> dict[str, Any]:
     """What determines the values of the samples (recorded in ``run.json``, checked on resume)."""
     prompt_digest = None
@@ -462,7 +472,7 @@ def _settings(args: argparse.Namespace, spec: _ModelSpec, guidance: float | None
         "model_fingerprint": _model_fingerprint(spec),
         "method": args.method,
         "steps": args.steps,
-        "guidance": guidance,
+        **sampler,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "prompts_sha256": prompt_digest,
@@ -536,7 +546,7 @@ def _merge_stats(out: Path, num_batches: int, batch_size: int) -> dict[str, Any]
     return total
 
 
-def _write_index(out: Path, args: argparse.Namespace, spec: _ModelSpec, guidance: float | None,
+def _write_index(out: Path, args: argparse.Namespace, spec: _ModelSpec, sampler: dict[str, Any],
                  prompts: list[str] | None, world: _Dist) -> dict[str, Any]:
     """Verify that ids ``0..N-1`` exist exactly once and match the contract, then write ``OUT/index.json``."""
     n = args.num_samples
@@ -590,7 +600,7 @@ def _write_index(out: Path, args: argparse.Namespace, spec: _ModelSpec, guidance
         "model_kind": spec.kind,
         "model_fingerprint": _model_fingerprint(spec),
         "steps": args.steps,
-        "guidance": guidance,
+        **sampler,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "num_batches": num_batches,
@@ -635,8 +645,9 @@ def _sample_distributed(args: argparse.Namespace, spec: _ModelSpec, config: Any 
             apply(pipe, config).remove()
         except (ValueError, TypeError) as error:
             raise UsageError(f"--method {args.method!r} does not fit this model: {error}") from error
-    guidance = args.guidance if args.guidance is not None else _default_guidance(pipe)
-    settings = _settings(args, spec, guidance, prompts)
+    sampler = _sampler_settings(args, pipe)
+    guidance = sampler["guidance"]
+    settings = _settings(args, spec, sampler, prompts)
     _check_run_file(out, settings)  # every rank reads the same file: all fail or none does
 
     samples_dir, stats_dir = out / SAMPLES_DIR, out / STATS_DIR
@@ -715,7 +726,7 @@ def _sample_distributed(args: argparse.Namespace, spec: _ModelSpec, config: Any 
     failure: SampleFolderError | None = None
     if world.rank == 0:
         try:
-            index = _write_index(out, args, spec, guidance, prompts, world)
+            index = _write_index(out, args, spec, sampler, prompts, world)
             print(f"{index['num_samples']} samples in {out} ({written} made now, {world.world_size} process(es)); "
                   f"index: {out / INDEX_FILE}")
             timing = index["stats"].get("timing") or {}
@@ -813,6 +824,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "model": index.get("model"),
         "steps": index.get("steps"),
         "guidance": index.get("guidance"),
+        **({"guidance_interval": index["guidance_interval"]} if "guidance_interval" in index else {}),
         "accuracy": class_accuracy(images, labels, classifier),
         "fd": fd_of(images),
         "num_real": num_real,

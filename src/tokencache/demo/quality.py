@@ -34,14 +34,16 @@ FD_FACTOR_BAR = 3.0
 
 @torch.no_grad()
 def sample_per_class(pipe: DigitsPipeline, n_per_class: int, steps: int, guidance: float,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n_per_class`` samples of each class (class ``c`` seeded with ``seed + c``): (images, labels)."""
+                     seed: int, **call_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_per_class`` samples of each class (class ``c`` seeded with ``seed + c``): (images, labels).
+    ``call_kwargs`` go to the pipeline call as they are."""
     pipe.set_progress_bar_config(disable=True)
     images, labels = [], []
     for c in range(NUM_CLASSES):
         gen = torch.Generator().manual_seed(seed + c)
         lab = [c] * n_per_class
-        out = pipe(class_labels=lab, num_inference_steps=steps, guidance_scale=guidance, generator=gen)
+        out = pipe(class_labels=lab, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+                   **call_kwargs)
         images.append(out.images.cpu())
         labels.append(torch.tensor(lab))
     return torch.cat(images), torch.cat(labels)

@@ -18,6 +18,7 @@ import torch
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, FashionMNISTMissing, load_fashion, read_idx, split_test_halves
 from .model import (
     DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE_INTERVAL,
     DEFAULT_STEPS,
     FashionPipeline,
     FashionPipelineOutput,
@@ -29,6 +30,7 @@ from .model import (
 __all__ = [
     "CLASS_NAMES",
     "DEFAULT_GUIDANCE",
+    "DEFAULT_GUIDANCE_INTERVAL",
     "DEFAULT_STEPS",
     "IMAGE_SIZE",
     "NUM_CLASSES",

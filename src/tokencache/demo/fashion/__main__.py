@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the shipped setting)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="apply guidance only at flow times t in (LOW, HIGH], 0 <= LOW < HIGH <= 1 "
+                   "(default: the shipped setting)")
     p.add_argument("--out", default=None, help="report path (default FOLDER/quality.json)")
     p.add_argument("--merge", action="store_true",
                    help="keep the runs already in the report (same training step) that this call does not re-measure "
@@ -57,12 +60,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.command == "quality":
-        from .model import DEFAULT_STEPS
+        from .model import DEFAULT_GUIDANCE_INTERVAL, DEFAULT_STEPS, check_guidance_interval
         from .quality import write_quality_report
 
+        interval = DEFAULT_GUIDANCE_INTERVAL if args.guidance_interval is None else args.guidance_interval
+        try:
+            interval = check_guidance_interval(interval)
+        except ValueError as err:
+            parser.error(f"--guidance-interval: {err}")
         write_quality_report(args.folder, args.guidance, args.per_class, args.steps or DEFAULT_STEPS,
                              classifier_folder=args.classifier, num_threads=args.threads, out=args.out,
-                             merge=args.merge)
+                             merge=args.merge, guidance_interval=interval)
     if args.command == "classifier":
         from .reference import train_fashion_classifier
 
