@@ -122,6 +122,9 @@ class ModelSpec:
     """The shipped guidance (read when asked: the fashion model's can change with its weights)."""
     real_data: str
     """What FD is measured against (for the table's header)."""
+    guidance_interval: Callable[[], list[float] | None] = field(default=lambda: None)
+    """The flow times ``[low, high]`` at which the pipeline applies guidance by default (None: it has no such
+    setting); recorded with the results, since the samples depend on it."""
     extra_rows: Callable[[bool, bool], list[Method]] = field(default=lambda quick, extra: [])
     """Rows of the extra samplers (digits: DDPM), given ``quick`` and whether extra samplers run."""
     toca_variants: Callable[[bool], list[Method]] = field(default=lambda quick: [])
@@ -228,6 +231,12 @@ def _fashion_guidance() -> float:
     return DEFAULT_GUIDANCE
 
 
+def _fashion_guidance_interval() -> list[float]:
+    from tokencache.demo.fashion.model import DEFAULT_GUIDANCE_INTERVAL
+
+    return [float(v) for v in DEFAULT_GUIDANCE_INTERVAL]
+
+
 def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
     """Forecasting on the 30-step flow sampler, configs built for this model rather than the digits presets. On
     10 samples of another seed (seed 1; the sweep reports seed 0) order 1 beat orders 2 and 3 at every N (order 2
@@ -302,7 +311,7 @@ MODELS: dict[str, ModelSpec] = {
         toca_preset="pixart-dpm20", quick_scores=("attention", "random"), quick_fewer_steps=15,
         unavailable_scores=(), tokencache_selections=("predictor", "random"),
         forecast_rows=_fashion_forecast_rows, load=_fashion_load, fd=_fashion_fd, assets=_fashion_assets,
-        predictor=_fashion_predictor, guidance=_fashion_guidance,
+        predictor=_fashion_predictor, guidance=_fashion_guidance, guidance_interval=_fashion_guidance_interval,
         real_data="the 10,000 Fashion-MNIST test images (the shipped feature statistics)",
         toca_variants=_fashion_toca_variants, samples_per_call=20),  # as the fashion demo
 }
@@ -470,13 +479,15 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     cpu = any("cpu_speedup" in r for r in records)
     references = " / ".join(spec.sampler_text(s, n) for s, n in meta.get("reference_steps", {}).items()) or "?"
     floor = meta.get("fd_real_same_n")
+    interval = meta.get("guidance_interval")
     lines = [
         f"# Quality against speed on the {spec.title} ({meta['date']})",
         "",
         f"Device: {meta['device']}. {meta['samples']} samples (10 per class"
         + (f", {meta['samples_per_call']} per pipeline call" if meta.get("samples_per_call") else ", one call")
-        + f"), seed {meta['seed']}, guidance "
-        f"{meta['guidance']}, **{meta['repeats']} repeat(s)**{meta['repeats_note']}. Sweep wall time "
+        + f"), seed {meta['seed']}, guidance {meta['guidance']}"
+        + (f" at flow times ({interval[0]}, {interval[1]}]" if interval and list(interval) != [0.0, 1.0] else "")
+        + f", **{meta['repeats']} repeat(s)**{meta['repeats_note']}. Sweep wall time "
         f"{meta['wall_minutes']:.0f} min. Versions: {meta['versions']}. Model files: {meta.get('model', '?')}"
         + (f" ({meta['model_note']})" if meta.get("model_note") else "") + "."
         + ("" if meta.get("complete", True) else " **Incomplete: the sweep has not finished (or was interrupted; "
@@ -632,7 +643,7 @@ class Store:
 def _settings(args: argparse.Namespace, samples: int, fingerprint: str) -> dict[str, Any]:
     """What a saved result must share with a run that resumes it."""
     return dict(model_name=args.model, samples=samples, seed=args.seed, guidance=args.guidance,
-                repeats=args.repeats, threads=args.threads, model=fingerprint,
+                guidance_interval=args.guidance_interval, repeats=args.repeats, threads=args.threads, model=fingerprint,
                 samples_per_call=args.samples_per_call)
 
 
@@ -699,7 +710,8 @@ def _meta(args: argparse.Namespace, samples: int, spec: ModelSpec, fingerprint: 
     repeats_note = (" (one round: the uncached run, then each method once)" if args.repeats == 1 else
                     " (median over interleaved rounds: the uncached run, then each method once)")
     meta = dict(date=datetime.date.today().isoformat(), samples=samples, seed=args.seed, guidance=args.guidance,
-                repeats=args.repeats, repeats_note=repeats_note, quick=args.quick, versions=versions,
+                guidance_interval=args.guidance_interval, repeats=args.repeats, repeats_note=repeats_note,
+                quick=args.quick, versions=versions,
                 device=f"CPU {cpu_name()}, {torch.get_num_threads()} torch thread(s)", wall_minutes=wall,
                 reference_steps=spec.reference_steps, args=vars(args), model=fingerprint, model_name=spec.name,
                 threads=args.threads, samples_per_call=args.samples_per_call)
@@ -794,6 +806,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--update and --resume do not go together")
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.guidance = spec.guidance() if args.guidance is None else args.guidance
+    args.guidance_interval = spec.guidance_interval()
     if args.samples_per_call is None:
         args.samples_per_call = spec.samples_per_call
     if args.samples_per_call is not None and args.samples_per_call < 1:

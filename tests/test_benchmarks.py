@@ -288,6 +288,12 @@ def test_frontier_fashion_sweep_is_incremental_and_resumes(tmp_path, monkeypatch
         frontier.main(["--model", "fashion", "--quick", "--samples", "20", "--resume"])
     with pytest.raises(SystemExit):  # and so is one with other calls
         frontier.main(["--model", "fashion", "--quick", "--samples", "10", "--resume"])
+    # the pipeline's guidance interval is recorded; a resume after it changed is refused
+    assert done["meta"]["guidance_interval"] == [0.0, 1.0] == frontier.MODELS["fashion"].guidance_interval()
+    monkeypatch.setitem(frontier.MODELS, "fashion", replace(frontier.MODELS["fashion"],
+                                                            guidance_interval=lambda: [0.2, 0.8]))
+    with pytest.raises(SystemExit):
+        frontier.main(argv + ["--resume"])
 
 
 def test_frontier_sweeps_run_side_by_side_merge_in_order(tmp_path, monkeypatch):

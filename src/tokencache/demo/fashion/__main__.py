@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="apply guidance only at flow times t in (LOW, HIGH], 0 <= LOW < HIGH <= 1 "
                    "(default: the shipped setting)")
+    p.add_argument("--seed", type=int, default=0, help="class c is sampled with seed + c (default 0)")
     p.add_argument("--out", default=None, help="report path (default FOLDER/quality.json)")
     p.add_argument("--merge", action="store_true",
                    help="keep the runs already in the report (same training step) that this call does not re-measure "
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--guidance-interval: {err}")
         write_quality_report(args.folder, args.guidance, args.per_class, args.steps or DEFAULT_STEPS,
                              classifier_folder=args.classifier, num_threads=args.threads, out=args.out,
-                             merge=args.merge, guidance_interval=interval)
+                             merge=args.merge, guidance_interval=interval, seed=args.seed)
     if args.command == "classifier":
         from .reference import train_fashion_classifier
 
