@@ -333,7 +333,7 @@ def test_quality_report_merges_sample_counts_and_judges_the_bar_only_at_its_coun
     report = quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, **kw)
     assert [(r["n_samples"], r["guidance"]) for r in report["runs"]] == [(10, 1.0), (10, 2.0), (20, 2.0)]
     assert [r["meets_bar_same_n"] for r in report["runs"]] == [None, None, True]
-    full = {"guidance": 2.0, "guidance_interval": [0.0, 1.0]}
+    full = {"guidance": 2.0, "guidance_interval": [0.0, 1.0], "seed": 0}
     assert report["bar_met_at"] == report["same_n_bar_met_at"] == [full]
     assert json.loads((tmp_path / "quality.json").read_text()) == json.loads(json.dumps(report))
     # the same guidance in another interval is another run, recorded with its interval
@@ -341,7 +341,7 @@ def test_quality_report_merges_sample_counts_and_judges_the_bar_only_at_its_coun
                                           **kw)
     assert [(r["n_samples"], r["guidance"], r["guidance_interval"]) for r in report["runs"]] == [
         (10, 1.0, [0.0, 1.0]), (10, 2.0, [0.0, 1.0]), (20, 2.0, [0.0, 1.0]), (20, 2.0, [0.2, 0.8])]
-    assert report["bar_met_at"] == [full, {"guidance": 2.0, "guidance_interval": [0.2, 0.8]}]
+    assert report["bar_met_at"] == [full, {"guidance": 2.0, "guidance_interval": [0.2, 0.8], "seed": 0}]
     with pytest.raises(ValueError, match="guidance_interval"):
         quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, guidance_interval=(0.8, 0.2), **kw)
     # re-measuring a run replaces it; without merge only the new runs are written

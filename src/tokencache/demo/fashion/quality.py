@@ -90,7 +90,7 @@ def _run_key(run: dict[str, Any]) -> tuple[int, float, tuple[float, ...], int, i
 
 
 def _setting(run: dict[str, Any]) -> dict[str, Any]:
-    return {"guidance": run["guidance"], "guidance_interval": run["guidance_interval"]}
+    return {"guidance": run["guidance"], "guidance_interval": run["guidance_interval"], "seed": run["seed"]}
 
 
 def merge_quality_runs(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
