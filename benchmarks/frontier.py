@@ -69,6 +69,7 @@ import torch
 
 import tokencache as tc
 from tokencache.demo.compare import Method, compare, scheduler_for, to_json
+from tokencache.demo.fashion.model import describe_guidance
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import cpu_name  # noqa: E402
@@ -479,14 +480,12 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     cpu = any("cpu_speedup" in r for r in records)
     references = " / ".join(spec.sampler_text(s, n) for s, n in meta.get("reference_steps", {}).items()) or "?"
     floor = meta.get("fd_real_same_n")
-    interval = meta.get("guidance_interval")
     lines = [
         f"# Quality against speed on the {spec.title} ({meta['date']})",
         "",
         f"Device: {meta['device']}. {meta['samples']} samples (10 per class"
         + (f", {meta['samples_per_call']} per pipeline call" if meta.get("samples_per_call") else ", one call")
-        + f"), seed {meta['seed']}, guidance {meta['guidance']}"
-        + (f" at flow times ({interval[0]}, {interval[1]}]" if interval and list(interval) != [0.0, 1.0] else "")
+        + f"), seed {meta['seed']}, guidance {describe_guidance(meta['guidance'], meta.get('guidance_interval'))}"
         + f", **{meta['repeats']} repeat(s)**{meta['repeats_note']}. Sweep wall time "
         f"{meta['wall_minutes']:.0f} min. Versions: {meta['versions']}. Model files: {meta.get('model', '?')}"
         + (f" ({meta['model_note']})" if meta.get("model_note") else "") + "."

@@ -49,6 +49,7 @@ from tokencache.core.layouts import find_blocks
 from tokencache.core.processors import ScoringAttnProcessor, unsupported_reason
 from tokencache.core.scores import score_from_raw
 from tokencache.demo.compare import scheduler_for
+from tokencache.demo.fashion.model import describe_guidance
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import cpu_name  # noqa: E402
@@ -239,8 +240,9 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
              "of squared change removed by recomputing the top 25 % of tokens by that score (oracle: by `d` "
              "itself; random: 0.25 on average). Means over modules and (step, row) pairs.", ""]
     for model, res in results.items():
+        guidance = describe_guidance(res["guidance"], res.get("guidance_interval"))
         lines += [f"## {model}: {res['sampler_text']} ({res['blocks_count']} blocks, {res['tokens']} tokens, "
-                  f"guidance {res['guidance']})", ""]
+                  f"guidance {guidance})", ""]
         lines += ["| modules | rel. change p10 / p50 / p90 / p99 | p90/p10 within a step | top 10 % share | "
                   "top 25 % share | Spearman: " + " / ".join(res["scores"]) + " | captured at 25 %: oracle / "
                   + " / ".join(res["scores"]) + " |", "|---|---|---|---|---|---|---|"]
@@ -292,7 +294,8 @@ def run_model(name: str, samples: int, seed: int) -> dict[str, Any]:
     result = measure(pipe, labels, steps, sampler, guidance, seed)
     blocks = find_blocks(pipe.transformer)
     cross = any(s.kind == "cross_attn" for b in blocks for s, _ in b.slots())
-    result.update(sampler_text=spec.sampler_text(sampler, steps), guidance=guidance, blocks_count=len(blocks),
+    result.update(sampler_text=spec.sampler_text(sampler, steps), guidance=guidance,
+                  guidance_interval=spec.guidance_interval(), blocks_count=len(blocks),
                   tokens=(pipe.transformer.config.sample_size // pipe.transformer.config.patch_size) ** 2,
                   scores=[s for s in SCORES if cross or s != "cross_attention_entropy"],
                   cpu_seconds=time.process_time() - start)

@@ -8,6 +8,7 @@ own caption projection maps to its width, so the class embedding lives inside th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,7 @@ __all__ = [
     "FashionPipelineOutput",
     "build_transformer",
     "check_guidance_interval",
+    "describe_guidance",
     "class_tokens",
     "make_scheduler",
     "predict_velocity",
@@ -62,6 +64,14 @@ def check_guidance_interval(interval: object) -> tuple[float, float]:
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1, got ({low}, {high})")
     return low, high
+
+
+def describe_guidance(guidance: float, interval: Sequence[float] | None = None) -> str:
+    """``guidance`` as a table header says it: ``"2.0"``, or ``"1.75 at flow times (0.2, 0.85]"`` when guidance
+    applies in part of the flow times only."""
+    if interval is None or tuple(float(v) for v in interval) == (0.0, 1.0):
+        return f"{guidance}"
+    return f"{guidance} at flow times ({interval[0]}, {interval[1]}]"
 
 
 def make_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -18,7 +18,7 @@ from ...methods.token_cache import TokenCacheConfig
 from ..compare import Method, compare, format_table, write_outputs
 from . import assets_dir, load_classifier, load_model
 from .data import load_fashion
-from .model import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, DEFAULT_STEPS
+from .model import DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_INTERVAL, DEFAULT_STEPS, describe_guidance
 from .reference import fd_to_reference, load_reference
 
 PREDICTOR_FOLDER = "tokencache-predictor"
@@ -101,11 +101,11 @@ def run_fashion_demo(out: str | Path, quick: bool = False, samples: int | None =
                       reference_steps={"flow": steps}, fd_to_real=lambda x: fd_to_reference(x, classifier, reference),
                       samples_per_call=SAMPLES_PER_CALL)
     floor = real_data_floor(classifier, labels, seed)
-    low, high = DEFAULT_GUIDANCE_INTERVAL  # the pipeline applies it by default
-    where = "" if (low, high) == (0.0, 1.0) else f" at flow times ({low}, {high}]"
-    meta = dict(title=f"shipped Fashion-MNIST model, {samples} samples, guidance {guidance}{where}", samples=samples,
-                seed=seed, fd_real_same_n=floor, guidance=guidance, guidance_interval=[low, high], repeats=repeats,
-                quick=quick, steps=steps,
+    interval = list(DEFAULT_GUIDANCE_INTERVAL)  # the pipeline applies it by default
+    title = f"shipped Fashion-MNIST model, {samples} samples, guidance {describe_guidance(guidance, interval)}"
+    meta = dict(title=title,
+                samples=samples, seed=seed, fd_real_same_n=floor, guidance=guidance, guidance_interval=interval,
+                repeats=repeats, quick=quick, steps=steps,
                 date=datetime.date.today().isoformat(),
                 device=f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     write_outputs(records, Path(out), meta)
