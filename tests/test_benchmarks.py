@@ -289,9 +289,11 @@ def test_frontier_fashion_sweep_is_incremental_and_resumes(tmp_path, monkeypatch
     with pytest.raises(SystemExit):  # and so is one with other calls
         frontier.main(["--model", "fashion", "--quick", "--samples", "10", "--resume"])
     # the pipeline's guidance interval is recorded; a resume after it changed is refused
-    assert done["meta"]["guidance_interval"] == [0.0, 1.0] == frontier.MODELS["fashion"].guidance_interval()
+    from tokencache.demo.fashion import DEFAULT_GUIDANCE_INTERVAL
+
+    assert done["meta"]["guidance_interval"] == [float(v) for v in DEFAULT_GUIDANCE_INTERVAL]
     monkeypatch.setitem(frontier.MODELS, "fashion", replace(frontier.MODELS["fashion"],
-                                                            guidance_interval=lambda: [0.2, 0.8]))
+                                                            guidance_interval=lambda: [0.05, 0.95]))
     with pytest.raises(SystemExit):
         frontier.main(argv + ["--resume"])
 

@@ -200,8 +200,8 @@ def test_guidance_interval_guides_only_inside_its_flow_times(tiny_pipe):
     torch.testing.assert_close(run((0.334, 0.667)), oracle({0.667}))
     torch.testing.assert_close(run((0.0, 1.0)), oracle({1.0, 0.667, 0.334, 0.001}))
     assert not torch.allclose(run((0.5, 1.0)), run((0.0, 1.0)))
-    torch.testing.assert_close(run((0.0, 1.0)), tiny_pipe(class_labels=labels, num_inference_steps=steps,
-                                                          guidance_scale=3.0, latents=latents).images)
+    default = tiny_pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=3.0, latents=latents).images
+    torch.testing.assert_close(default, run(DEFAULT_GUIDANCE_INTERVAL))
 
 
 @pytest.mark.parametrize("interval", [(0.5, 0.5), (0.6, 0.2), (-0.1, 1.0), (0.0, 1.5), (0.1,), "ab", None,
@@ -333,17 +333,22 @@ def test_quality_report_merges_sample_counts_and_judges_the_bar_only_at_its_coun
     report = quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, **kw)
     assert [(r["n_samples"], r["guidance"]) for r in report["runs"]] == [(10, 1.0), (10, 2.0), (20, 2.0)]
     assert [r["meets_bar_same_n"] for r in report["runs"]] == [None, None, True]
-    full = {"guidance": 2.0, "guidance_interval": [0.0, 1.0], "seed": 0}
+    shipped = [float(v) for v in DEFAULT_GUIDANCE_INTERVAL]  # the default of write_quality_report
+    full = {"guidance": 2.0, "guidance_interval": shipped, "seed": 0}
     assert report["bar_met_at"] == report["same_n_bar_met_at"] == [full]
     assert json.loads((tmp_path / "quality.json").read_text()) == json.loads(json.dumps(report))
     # the same guidance in another interval is another run, recorded with its interval
-    report = quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, guidance_interval=(0.2, 0.8),
+    report = quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, guidance_interval=(0.0, 1.0),
                                           **kw)
     assert [(r["n_samples"], r["guidance"], r["guidance_interval"]) for r in report["runs"]] == [
-        (10, 1.0, [0.0, 1.0]), (10, 2.0, [0.0, 1.0]), (20, 2.0, [0.0, 1.0]), (20, 2.0, [0.2, 0.8])]
-    assert report["bar_met_at"] == [full, {"guidance": 2.0, "guidance_interval": [0.2, 0.8], "seed": 0}]
+        (10, 1.0, shipped), (10, 2.0, shipped), (20, 2.0, [0.0, 1.0]), (20, 2.0, shipped)]
+    assert report["bar_met_at"] == [{"guidance": 2.0, "guidance_interval": [0.0, 1.0], "seed": 0}, full]
     with pytest.raises(ValueError, match="guidance_interval"):
         quality.write_quality_report(tmp_path, (2.0,), n_per_class=2, merge=True, guidance_interval=(0.8, 0.2), **kw)
+    # a run recorded before intervals existed guided at every step, whatever the default is now
+    legacy = dict(report["runs"][0], guidance=4.0)
+    del legacy["guidance_interval"]
+    assert quality.quality_report([legacy], {"fd_real_halves": 1e9}, 5)["runs"][0]["guidance_interval"] == [0.0, 1.0]
     # re-measuring a run replaces it; without merge only the new runs are written
     report = quality.write_quality_report(tmp_path, (1.0,), n_per_class=1, merge=True, **kw)
     assert [(r["n_samples"], r["guidance"]) for r in report["runs"]] == [(10, 1.0), (10, 2.0), (20, 2.0), (20, 2.0)]

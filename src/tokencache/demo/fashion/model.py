@@ -49,9 +49,9 @@ CONTEXT_TOKENS = 4
 TIME_SCALE = 1000.0
 #: Shipped sampler settings (see quality.json).
 DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 1.75
 #: Flow times ``(low, high]`` at which guidance applies; (0, 1] = every step (plain classifier-free guidance).
-DEFAULT_GUIDANCE_INTERVAL = (0.0, 1.0)
+DEFAULT_GUIDANCE_INTERVAL = (0.2, 0.85)
 
 
 def check_guidance_interval(interval: object) -> tuple[float, float]:

@@ -48,6 +48,8 @@ ACCURACY_BAR = 0.80
 FD_FACTOR_BAR = 3.0
 #: The sample count the bar is defined at; runs at other counts are reported without a verdict.
 BAR_SAMPLES = 1000
+#: The interval of runs recorded before ``guidance_interval`` existed: they guided at every step.
+_EVERY_STEP = (0.0, 1.0)
 
 
 def measure_quality(pipe: FashionPipeline, classifier: nn.Module, reference: dict[str, torch.Tensor],
@@ -75,7 +77,7 @@ def measure_quality(pipe: FashionPipeline, classifier: nn.Module, reference: dic
 def _with_bar_checks(run: dict[str, Any]) -> dict[str, Any]:
     """``run`` with ``meets_bar`` / ``meets_bar_same_n`` (re)computed: null unless it has ``BAR_SAMPLES`` samples."""
     run = dict(run)
-    run.setdefault("guidance_interval", list(DEFAULT_GUIDANCE_INTERVAL))  # runs measured before intervals existed
+    run.setdefault("guidance_interval", list(_EVERY_STEP))
     acc, fd, same_n = run["accuracy"], run["fd_test"], run.get("fd_real_same_n")
     at_bar_n = run["n_samples"] == BAR_SAMPLES
     run["meets_bar"] = bool(acc >= ACCURACY_BAR and fd <= FD_FACTOR_BAR * run["fd_real_halves"]) if at_bar_n else None
@@ -85,7 +87,7 @@ def _with_bar_checks(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_key(run: dict[str, Any]) -> tuple[int, float, tuple[float, ...], int, int]:
-    interval = tuple(run.get("guidance_interval", DEFAULT_GUIDANCE_INTERVAL))
+    interval = tuple(run.get("guidance_interval", _EVERY_STEP))
     return int(run["n_samples"]), float(run["guidance"]), interval, int(run["steps"]), int(run["seed"])
 
 
