@@ -265,6 +265,27 @@ def test_fashion_demo_methods_compare_scores_at_equal_ratio(monkeypatch):
     assert any("TokenCache" in m.name and m.unavailable for m in methods)
 
 
+def test_fashion_demo_runs_and_records_its_sampler(tmp_path, monkeypatch, tiny_pipe):
+    from tokencache.demo.classifier import DigitClassifier
+    from tokencache.demo.fashion import runner
+    from tokencache.demo.fashion.model import describe_guidance
+    from tokencache.demo.fashion.reference import feature_stats
+
+    torch.manual_seed(0)
+    clf = DigitClassifier(image_size=28).eval()
+    monkeypatch.setattr(runner, "load_model", lambda: tiny_pipe)
+    monkeypatch.setattr(runner, "load_classifier", lambda: clf)
+    monkeypatch.setattr(runner, "load_reference", lambda folder: feature_stats(torch.rand(30, 1, 28, 28), clf))
+    monkeypatch.setattr(runner, "real_data_floor", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "shipped_predictor", lambda: None)
+    records = runner.run_fashion_demo(tmp_path, quick=True, samples=10, repeats=1, guidance=2.0, steps=4)
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["guidance_interval"] == [float(v) for v in DEFAULT_GUIDANCE_INTERVAL]
+    assert meta["title"].endswith("guidance " + describe_guidance(2.0, DEFAULT_GUIDANCE_INTERVAL))
+    done = [r for r in records if "unavailable" not in r]
+    assert done and all(0.0 <= r["accuracy"] <= 1.0 for r in done)
+
+
 def test_fd_from_statistics_matches_the_metric():
     from tokencache.demo.classifier import DigitClassifier
     from tokencache.demo.fashion.reference import fd_to_reference, feature_stats
