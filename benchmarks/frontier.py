@@ -486,19 +486,16 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Device: {meta['device']}. {meta['samples']} samples (10 per class"
         + (f", {meta['samples_per_call']} per pipeline call" if meta.get("samples_per_call") else ", one call")
         + f"), seed {meta['seed']}, guidance {describe_guidance(meta['guidance'], meta.get('guidance_interval'))}"
-        + f", **{meta['repeats']} repeat(s)**{meta['repeats_note']}. Sweep wall time "
-        f"{meta['wall_minutes']:.0f} min. Versions: {meta['versions']}. Model files: {meta.get('model', '?')}"
+        + f", **{meta['repeats']} repeat(s)**{meta['repeats_note']}. First sweep: "
+        f"{_minutes(meta['wall_minutes'])}. Versions: {meta['versions']}. Model files: {meta.get('model', '?')}"
         + (f" ({meta['model_note']})" if meta.get("model_note") else "") + "."
         + ("" if meta.get("complete", True) else " **Incomplete: the sweep has not finished (or was interrupted; "
            "`--resume` runs the missing rows).**")
-        + "".join(f" Rows measured by a resumed run on {u['date']} ({u['wall_minutes']:.0f} min, their own uncached "
-                  f"reference in that process): {', '.join(u['methods'])}." for u in meta.get("resumed", []))
-        + "".join(f" Rows measured in a second process running side by side on {u['date']} ({u['wall_minutes']:.0f} "
-                  f"min, their own uncached reference in that process): {', '.join(u['methods'])}."
-                  for u in meta.get("parallel", []))
-        + "".join(f" Rows re-run with `--update` on {u['date']} ({u['wall_minutes']:.0f} min, "
-                  f"{u.get('repeats', meta.get('repeats', 1))} repeat(s), their own uncached "
-                  f"reference in that process): {', '.join(u['methods'])}." for u in meta.get("updates", [])),
+        + _later_sweeps(meta, repeats=meta.get("repeats", 1))
+        + "".join(f" Rows measured in a second process running side by side, first on {u['date']} "
+                  f"({_minutes(u['wall_minutes'])}, their own uncached reference in that process): "
+                  f"{', '.join(_first_sweep_methods(u)) or 'none'}.{_later_sweeps(u, meta.get('repeats', 1))}"
+                  for u in meta.get("parallel", [])),
         "",
         f"FLOPs speed-up: tokencache's plan against the uncached run of the same sampler ({references}); "
         "peers report none (what they skipped is in the notes). Measured speed-up (wall): uncached seconds / "
@@ -600,6 +597,27 @@ def plot(records: list[dict[str, Any]], meta: dict[str, Any], path: Path, x: str
     plt.close(fig)
 
 
+def _minutes(value: float) -> str:
+    # sweeps interrupted before the store kept their wall time recorded 0
+    return f"{value:.0f} min" if value else "wall time not recorded"
+
+
+def _later_sweeps(meta: dict[str, Any], repeats: int) -> str:
+    """The header's sentences for a stem's (or a merged part's) resumed and ``--update`` sweeps."""
+    return ("".join(f" Rows measured by a resumed run on {u['date']} ({_minutes(u['wall_minutes'])}, their own "
+                    f"uncached reference in that process): {', '.join(u['methods'])}."
+                    for u in meta.get("resumed", []))
+            + "".join(f" Rows re-run with `--update` on {u['date']} ({_minutes(u['wall_minutes'])}, "
+                      f"{u.get('repeats', repeats)} repeat(s), their own uncached reference in that process): "
+                      f"{', '.join(u['methods'])}." for u in meta.get("updates", [])))
+
+
+def _first_sweep_methods(part: dict[str, Any]) -> list[str]:
+    """A merged part's rows that its first sweep measured (not a later resumed or updated one)."""
+    later = {m for key in ("resumed", "updates") for u in part.get(key, []) for m in u["methods"]}
+    return [m for m in part["methods"] if m not in later]
+
+
 def write(records: list[dict[str, Any]], meta: dict[str, Any], stem: str, x: str, figure: bool = True) -> str:
     """``<stem>.json``, ``.md`` and (with ``figure``) ``.png`` in benchmarks/results; returns the table."""
     RESULTS.mkdir(exist_ok=True)
@@ -623,10 +641,17 @@ def _key(record: dict[str, Any]) -> tuple[str, str]:
 
 class Store:
     """The records of a stem, rewritten to disk (JSON and table) after every row a sweep completes: an
-    interrupted sweep keeps what it measured. New records replace saved ones with the same method and sampler."""
+    interrupted sweep keeps what it measured. New records replace saved ones with the same method and sampler.
 
-    def __init__(self, stem: str, records: list[dict[str, Any]], meta: dict[str, Any], x: str) -> None:
+    ``run`` is the meta entry of the sweep in progress (the meta itself for a first sweep, an entry of its
+    ``resumed`` or ``updates`` list otherwise): every row updates its ``wall_minutes`` and, where it lists
+    ``methods``, adds the row, so an interrupted sweep still says how long it ran and what it measured."""
+
+    def __init__(self, stem: str, records: list[dict[str, Any]], meta: dict[str, Any], x: str,
+                 run: dict[str, Any] | None = None) -> None:
         self.stem, self.records, self.meta, self.x = stem, records, meta, x
+        self.run = meta if run is None else run
+        self.started = time.perf_counter()
 
     def put(self, record: dict[str, Any]) -> None:
         (clean,) = to_json([record])
@@ -636,6 +661,9 @@ class Store:
                 break
         else:
             self.records.append(clean)
+        self.run["wall_minutes"] = (time.perf_counter() - self.started) / 60
+        if "methods" in self.run and "unavailable" not in clean and clean["method"] not in self.run["methods"]:
+            self.run["methods"].append(clean["method"])
         write(self.records, self.meta, self.stem, self.x, figure=False)
 
 
@@ -756,9 +784,10 @@ def merge(args: argparse.Namespace, spec: ModelSpec, samples: int, parts: list[d
     meta = dict(parts[0]["meta"])
     meta["complete"] = all(p["meta"].get("complete", False) for p in parts)
     meta["wall_minutes"] = max(p["meta"]["wall_minutes"] for p in parts)
-    meta["parallel"] = [
+    meta["parallel"] = [  # each other part's own sweeps: its first, then its resumed and updated ones
         dict(date=p["meta"]["date"], wall_minutes=p["meta"]["wall_minutes"],
-             methods=[r["method"] for r in p["records"] if "unavailable" not in r]) for p in parts[1:]]
+             methods=[r["method"] for r in p["records"] if "unavailable" not in r],
+             **{k: p["meta"][k] for k in ("resumed", "updates") if p["meta"].get(k)}) for p in parts[1:]]
     return _order(list(records.values()), order), meta
 
 
@@ -838,13 +867,12 @@ def main(argv: list[str] | None = None) -> None:
         saved = json.loads(saved_path.read_text())
         if saved["meta"].get("model_name", "digits") != args.model:
             parser.error(f"{saved_path} holds the {saved['meta'].get('model_name', 'digits')} model's results")
-        store = Store(stem, saved["records"], saved["meta"], args.x)
+        run = dict(date=datetime.date.today().isoformat(), wall_minutes=0.0, repeats=args.repeats, methods=[])
+        saved["meta"].setdefault("updates", []).append(run)
+        store = Store(stem, saved["records"], saved["meta"], args.x, run)
         fresh, fresh_meta = sweep(args, samples, store)
-        fresh = [r for r in fresh if re.search(args.only, r["method"])]
-        store.meta.setdefault("updates", []).append(dict(date=fresh_meta["date"],
-                                                         wall_minutes=fresh_meta["wall_minutes"],
-                                                         repeats=args.repeats,
-                                                         methods=[r["method"] for r in fresh]))
+        run.update(wall_minutes=fresh_meta["wall_minutes"],
+                   methods=[r["method"] for r in fresh if re.search(args.only, r["method"])])
         records, meta = store.records, store.meta
     elif args.resume and saved_path.exists():
         saved = json.loads(saved_path.read_text())
@@ -855,13 +883,15 @@ def main(argv: list[str] | None = None) -> None:
         if have != want:
             differ = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
             parser.error(f"--resume: {saved_path} was made with other settings (saved, now): {differ}")
-        store = Store(stem, saved["records"], saved["meta"], args.x)
+        run = dict(date=datetime.date.today().isoformat(), wall_minutes=0.0, methods=[])
+        saved["meta"].setdefault("resumed", []).append(run)
+        store = Store(stem, saved["records"], saved["meta"], args.x, run)
         fresh, fresh_meta = sweep(args, samples, store)
         if fresh:
-            store.meta.setdefault("resumed", []).append(dict(date=fresh_meta["date"],
-                                                             wall_minutes=fresh_meta["wall_minutes"],
-                                                             methods=[r["method"] for r in fresh
-                                                                      if "unavailable" not in r]))
+            run.update(wall_minutes=fresh_meta["wall_minutes"],
+                       methods=[r["method"] for r in fresh if "unavailable" not in r])
+        else:
+            store.meta["resumed"].remove(run)
         store.meta["complete"] = True
         records, meta = store.records, store.meta
     else:

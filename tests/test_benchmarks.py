@@ -251,6 +251,7 @@ def test_frontier_fashion_sweep_is_incremental_and_resumes(tmp_path, monkeypatch
     path = tmp_path / "results" / "frontier-fashion-quick.json"
     first = json.loads(path.read_text())
     assert first["meta"]["complete"] is False and first["meta"]["model_name"] == "fashion"
+    assert first["meta"]["wall_minutes"] > 0  # the cut-off sweep still says how long it ran
     assert [r["method"] for r in first["records"]] == seen
     assert "Incomplete" in path.with_suffix(".md").read_text()
 
@@ -277,6 +278,7 @@ def test_frontier_fashion_sweep_is_incremental_and_resumes(tmp_path, monkeypatch
             assert " of 8 steps" in frontier.notes(peer)
     assert set(done["meta"]["resumed"][0]["methods"]) == {n for n, r in by_name.items()
                                                          if n not in seen and "unavailable" not in r}
+    assert done["meta"]["resumed"][0]["wall_minutes"] > 0
 
     frontier.main(argv + ["--update", "--only", "^FORA"])
     updated = json.loads(path.read_text())
@@ -319,6 +321,19 @@ def test_frontier_sweeps_run_side_by_side_merge_in_order(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # other settings (samples)
         frontier.main(["--model", "fashion", "--quick", "--samples", "20", "--no-peers", "--merge", "frontier-a",
                        "frontier-b", "--out", "frontier-x"])
+
+
+def test_frontier_header_tells_each_sweep_of_a_merged_part_apart():
+    """A merged part that was itself interrupted and resumed: the header lists the rows of its first sweep and of
+    its resumed and updated sweeps separately, each with its own wall time (0 = not recorded)."""
+    part = dict(date="2026-01-01", wall_minutes=0.0, methods=["A", "B", "C", "D"],
+                resumed=[dict(date="2026-01-02", wall_minutes=12.4, methods=["C", "D"])],
+                updates=[dict(date="2026-01-03", wall_minutes=3.0, repeats=2, methods=["D"])])
+    assert frontier._first_sweep_methods(part) == ["A", "B"]
+    text = frontier._later_sweeps(part, repeats=1)
+    assert "resumed run on 2026-01-02 (12 min" in text and ": C, D." in text
+    assert "`--update` on 2026-01-03 (3 min, 2 repeat(s)" in text and text.endswith(": D.")
+    assert frontier._minutes(0.0) == "wall time not recorded" and frontier._minutes(61.6) == "62 min"
 
 
 def test_token_change_measures_every_cacheable_module(tmp_path, monkeypatch):
