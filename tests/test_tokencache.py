@@ -40,6 +40,33 @@ def test_training_reduces_the_loss(calibrated):
     assert sum(c["block_ratios"]) / 3 == pytest.approx(0.5)
 
 
+def test_calibration_records_the_guidance_it_sampled_with(calibrated, tmp_path):
+    """The calls set no guidance, so the pipeline's default (DiTPipeline: 4.0) is what the predictor was fitted to;
+    it survives a save and load."""
+    pipe, predictor = calibrated
+    assert predictor.calibration["sampler_settings"] == [{"guidance_scale": 4.0}]
+    predictor.save_pretrained(tmp_path / "p")
+    assert tc.TokenCachePredictor.from_pretrained(tmp_path / "p").calibration["sampler_settings"] == [
+        {"guidance_scale": 4.0}]
+
+
+def test_guidance_settings_take_the_call_over_the_default():
+    from tokencache.core.call_settings import guidance_settings
+
+    class Pipe:
+        def __call__(self, labels, guidance_scale=1.75, guidance_interval=(0.2, 0.85), steps=30):
+            pass
+
+    class NoGuidance:
+        def __call__(self, labels, steps=30):
+            pass
+
+    assert guidance_settings(Pipe(), {}) == {"guidance_scale": 1.75, "guidance_interval": [0.2, 0.85]}
+    assert guidance_settings(Pipe(), {"guidance_scale": 3, "guidance_interval": (0, 1)}) == {
+        "guidance_scale": 3.0, "guidance_interval": [0.0, 1.0]}
+    assert guidance_settings(NoGuidance(), {}) == {}
+
+
 def test_calibration_leaves_the_model_unchanged(calibrated):
     pipe, _ = calibrated
     assert all(p.requires_grad for p in pipe.transformer.parameters())  # restored after calibration

@@ -138,7 +138,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     c = predictor.calibration
     print(f"saved {args.out}: budget {c['budget']}, token selection {c['token_selection']!r}, block ratios "
           f"{[round(r, 3) for r in c['block_ratios']]}, held-out error {c['holdout_error_trained']:.4g} "
-          f"(untrained {c['holdout_error_untrained']:.4g}, random tokens {c['holdout_error_random']:.4g})")
+          f"(untrained {c['holdout_error_untrained']:.4g}, random tokens {c['holdout_error_random']:.4g}); "
+          f"sampled with {c.get('sampler_settings') or 'the pipeline defaults'}")
     return 0
 
 

@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from .core.call_settings import call_default
 from .core.timing import DEFAULT_CLOCKS, spread, timed
 
 __all__ = [
@@ -300,18 +301,12 @@ def _load_pipeline(spec: _ModelSpec, device: torch.device) -> Any:
     return pipe
 
 
-def _call_default(pipe: Any, name: str) -> Any:
-    """The default of the pipeline call's argument ``name``; None if it has no such argument or no default."""
-    param = inspect.signature(pipe.__call__).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
 def _sampler_settings(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
     """Guidance settings the samples depend on: ``guidance`` (``--guidance`` or the pipeline's default), and the
     pipeline's default ``guidance_interval`` where it has one (the Fashion model)."""
-    guidance = args.guidance if args.guidance is not None else _call_default(pipe, "guidance_scale")
+    guidance = args.guidance if args.guidance is not None else call_default(pipe, "guidance_scale")
     found = {"guidance": None if guidance is None else float(guidance)}
-    interval = _call_default(pipe, "guidance_interval")
+    interval = call_default(pipe, "guidance_interval")
     if interval is not None:  # absent otherwise, so run folders written before it existed still resume
         found["guidance_interval"] = [float(v) for v in interval]
     return found

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.call_settings import guidance_settings
 from ..core.layouts import MODULE_KINDS, BlockEntry, find_blocks
 from ..core.plan import default_num_tokens
 from ..core.schedule import fresh_tokens
@@ -396,6 +397,9 @@ def calibrate(target: Any, config: CalibrationConfig) -> TokenCachePredictor:
             p.requires_grad_(requires_grad[name])
         transformer.train(was_training)
     predictor.calibration.update(block_sensitivity=sensitivity, **history)
+    if pipeline is not None:  # what the trajectories were sampled with; a bare transformer's sampler is opaque
+        settings = [guidance_settings(pipeline, call) for call in config.calls]
+        predictor.calibration["sampler_settings"] = [s for i, s in enumerate(settings) if s not in settings[:i]]
     return predictor.eval()
 
 
