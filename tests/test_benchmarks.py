@@ -21,6 +21,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import frontier  # noqa: E402
+import pareto  # noqa: E402
 import speed  # noqa: E402
 import step_profile  # noqa: E402
 import token_change  # noqa: E402
@@ -334,6 +335,23 @@ def test_frontier_header_tells_each_sweep_of_a_merged_part_apart():
     assert "resumed run on 2026-01-02 (12 min" in text and ": C, D." in text
     assert "`--update` on 2026-01-03 (3 min, 2 repeat(s)" in text and text.endswith(": D.")
     assert frontier._minutes(0.0) == "wall time not recorded" and frontier._minutes(61.6) == "62 min"
+
+
+def test_pareto_compares_rows_of_different_sweeps_by_their_cpu_time():
+    """Rows timed against two uncached references (300 and 270 CPU-s): ours took 100 s, the peer 105 s, yet the
+    peer's recorded ratio is the higher one; on the common (median) reference ours is the faster. Equal images
+    (PSNR equal to float rounding) count as equal."""
+    rows = [dict(method="forecast N=3", sampler="flow", cpu_seconds=100.0, cpu_speedup=3.0, psnr=41.514086, fd=16.9),
+            dict(method="diffusers TaylorSeer N=3", sampler="flow", cpu_seconds=105.0, cpu_speedup=270 / 105,
+                 psnr=41.514088, fd=16.9)]
+    speeds, refs = pareto.common_speeds(rows)
+    assert refs == [270.0, 300.0]
+    assert speeds["forecast N=3"] == pytest.approx(285 / 100) and speeds["diffusers TaylorSeer N=3"] == \
+        pytest.approx(285 / 105)
+    lines, ok = pareto.check(rows, "flow", fd_slack=0.5, low=1.5, high=5.0)
+    assert ok and "<- forecast N=3" in lines[0]
+    slower = [dict(rows[0], cpu_seconds=110.0, cpu_speedup=300 / 110), rows[1]]
+    assert pareto.check(slower, "flow", 0.5, 1.5, 5.0)[1] is False  # 110 s against 105 s: not dominated
 
 
 def test_token_change_measures_every_cacheable_module(tmp_path, monkeypatch):
