@@ -491,6 +491,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + (f" ({meta['model_note']})" if meta.get("model_note") else "") + "."
         + ("" if meta.get("complete", True) else " **Incomplete: the sweep has not finished (or was interrupted; "
            "`--resume` runs the missing rows).**")
+        + (f" Merged from the sweeps of {', '.join(str(m) for m in meta['merged_from'])}, each part's rows timed "
+           "in its own process; the first part's sweeps:" if meta.get("merged_from") else "")
         + _later_sweeps(meta, repeats=meta.get("repeats", 1))
         + "".join(f" Rows measured in a second process running side by side, first on {u['date']} "
                   f"({_minutes(u['wall_minutes'])}, their own uncached reference in that process): "
@@ -783,7 +785,7 @@ def merge(args: argparse.Namespace, spec: ModelSpec, samples: int, parts: list[d
                 records[_key(r)] = r
     meta = dict(parts[0]["meta"])
     meta["complete"] = all(p["meta"].get("complete", False) for p in parts)
-    meta["wall_minutes"] = max(p["meta"]["wall_minutes"] for p in parts)
+    meta["merged_from"] = list(args.merge)
     meta["parallel"] = [  # each other part's own sweeps: its first, then its resumed and updated ones
         dict(date=p["meta"]["date"], wall_minutes=p["meta"]["wall_minutes"],
              methods=[r["method"] for r in p["records"] if "unavailable" not in r],

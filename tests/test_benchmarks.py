@@ -316,7 +316,9 @@ def test_frontier_sweeps_run_side_by_side_merge_in_order(tmp_path, monkeypatch):
     assert names[:3] == ["no cache (Euler-4)", "ToCa attention N=4", "ToCa random N=4"]
     assert len(set(names)) == len(names)
     assert set(b_rows) <= set(names) and merged["meta"]["parallel"][0]["methods"] == b_rows
-    assert "second process" in (tmp_path / "results" / "frontier-ab.md").read_text()
+    header = (tmp_path / "results" / "frontier-ab.md").read_text()
+    assert "second process" in header and "Merged from the sweeps of frontier-a, frontier-b" in header
+    assert merged["meta"]["merged_from"] == ["frontier-a", "frontier-b"]
     with pytest.raises(SystemExit):  # the same row in both parts
         frontier.main(base + ["--merge", "frontier-a", "frontier-a", "--out", "frontier-aa"])
     with pytest.raises(SystemExit):  # other settings (samples)
