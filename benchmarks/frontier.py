@@ -492,7 +492,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + ("" if meta.get("complete", True) else " **Incomplete: the sweep has not finished (or was interrupted; "
            "`--resume` runs the missing rows).**")
         + (f" Merged from the sweeps of {', '.join(str(m) for m in meta['merged_from'])}, each part's rows timed "
-           "in its own process; the first part's sweeps:" if meta.get("merged_from") else "")
+           "in its own process (the first part's sweeps, then the others')." if meta.get("merged_from") else "")
         + _later_sweeps(meta, repeats=meta.get("repeats", 1))
         + "".join(f" Rows measured in a second process running side by side, first on {u['date']} "
                   f"({_minutes(u['wall_minutes'])}, their own uncached reference in that process): "
