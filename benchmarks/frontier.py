@@ -268,8 +268,8 @@ def _fashion_forecast_rows(quick: bool) -> list[tuple[str, Any]]:
              ("forecast N=3 newton o1 first=9 first_interval=2", newton(3, 1, first=9, first_interval=2))]
     # the transformer's output forecast whole, the blocks skipped (target="output"): N=2 first=3 gives diffusers'
     # TaylorSeer lite's images; the others place the same 16 full steps after more warm-up (N=3 first=9) or fill
-    # the fast end (results/frontier-fashion.md: 48.4 against lite's 47.9 dB; N=5 first=3 33.7 dB at 8 full steps,
-    # where the module forecast on TaylorSeer's N=6 steps gives 31.6)
+    # the fast end (results/frontier-fashion.md, step-10,060 weights: 48.0 against lite's 46.5 dB; N=5 first=3
+    # 29.2 dB at 8 full steps, where the module forecast on TaylorSeer's N=6 steps gives 30.9)
     rows += [(f"forecast output N={n} newton o1 first={first}" + (f" first_interval={fi}" if fi else "")
               + (" (diffusers TaylorSeer lite's steps)" if (n, first) == (2, 3) else ""),
               newton(n, 1, first=first, first_interval=fi, target="output"))
