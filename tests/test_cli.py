@@ -106,17 +106,18 @@ def test_calibrate_settings_mismatch_names_the_cli_option_before_loading_the_mod
     assert "--tprr" in capsys.readouterr().err
 
 
-def test_loading_the_shipped_model_prints_no_accelerate_warning(tmp_path):
-    """diffusers warned on every load that `accelerate` is missing; tokencache asks for its fallback directly,
-    without touching the user's diffusers logging settings."""
+def test_loading_the_shipped_models_prints_no_accelerate_warning(tmp_path):
+    """diffusers warned on every load that `accelerate` is missing (the Fashion loader still did); tokencache
+    asks for its fallback directly, without touching the user's diffusers logging settings."""
     from models import tiny_dit
 
     tiny_dit().save_pretrained(tmp_path / "transformer")
     code = ("import diffusers\n"
             "from tokencache.demo import load_model\n"
+            "from tokencache.demo import fashion\n"
             "from tokencache.core.shapes import build_transformer\n"
             "before = diffusers.utils.logging.get_verbosity()\n"
-            f"load_model(); build_transformer({str(tmp_path)!r})\n"
+            f"load_model(); fashion.load_model(); build_transformer({str(tmp_path)!r})\n"
             "assert diffusers.utils.logging.get_verbosity() == before\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

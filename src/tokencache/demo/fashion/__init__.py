@@ -66,10 +66,12 @@ def load_pipeline_from(folder: str | Path, device: str | torch.device = "cpu") -
 
     from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
 
+    from ...core.loading import load_kwargs
+
     folder = Path(folder)
     name = json.loads((folder / "transformer" / "config.json").read_text()).get("_class_name")
     cls = PixArtTransformer2DModel if name == "PixArtTransformer2DModel" else DiTTransformer2DModel
-    transformer = cls.from_pretrained(folder / "transformer")
+    transformer = cls.from_pretrained(folder / "transformer", **load_kwargs())
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     return FashionPipeline(transformer=transformer.eval(), scheduler=scheduler).to(device)
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...core.loading import load_kwargs
 from ..train import _ema_update, _optimizer_step, _set_builtin_label_dropout
 from .data import NUM_CLASSES, load_fashion
 from .model import build_transformer, make_scheduler, predict_velocity
@@ -198,7 +199,7 @@ def train_fashion(
             if prior["hyper_parameters"][key] != hparams[key]:
                 raise ValueError(f"--init-from {init_from}: {key} is {prior['hyper_parameters'][key]!r} there, "
                                  f"{hparams[key]!r} now")
-        weights = type(model).from_pretrained(Path(init_from) / "transformer").state_dict()
+        weights = type(model).from_pretrained(Path(init_from) / "transformer", **load_kwargs()).state_dict()
         model.load_state_dict(weights)
         ema.load_state_dict(weights)
         step = prior["steps_done"]
