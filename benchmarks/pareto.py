@@ -2,8 +2,8 @@
 
 For every peer row and every fewer-steps row of the reference sampler, is there a tokencache row with an equal or
 higher measured (CPU-time) speed-up, an equal or higher PSNR against the uncached run (within ``PSNR_TOLERANCE``)
-and an FD no worse than
-the other row's + ``--fd-slack``? And which tokencache rows keep >= ``--psnr-at-4x`` dB at >= 4x?
+and an FD no worse than the other row's + ``--fd-slack``? And which tokencache rows keep >= ``--psnr-at-4x`` dB
+at >= 4x?
 
 A result merged from several sweeps (side-by-side parts, resumed or updated runs) timed each sweep's rows against
 that sweep's own uncached run, and those reference runs differ by several per cent on a shared machine. Rows are
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 PEER_PREFIXES = ("diffusers ", "cache-dit ")
@@ -34,9 +35,7 @@ def common_speeds(records: list[dict]) -> tuple[dict[str, float], list[float]]:
     """Each row's speed-up against the median of the rows' uncached references (rows without CPU times keep their
     recorded ratio), and the distinct references found (rounded to 0.1 s)."""
     refs = [ref for r in records if (ref := reference_seconds(r)) is not None]
-    ordered = sorted(refs)
-    middle = len(ordered) // 2
-    median = (ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2) if refs else 0
+    median = statistics.median(refs) if refs else 0.0
     speeds = {}
     for r in records:
         own = r.get("cpu_speedup", r.get("measured_speedup", 0.0))
